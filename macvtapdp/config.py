@@ -186,6 +186,15 @@ def _element(where: str, item: Any, problems: list[str]) -> Resource | None:
     return Resource(name=name, master=link, mode=mode, capacity=capacity)
 
 
+def resource(fields: Mapping[str, Any], where: str) -> Resource:
+    """Validate one resource given field by field (``serve``'s options)."""
+    problems: list[str] = []
+    res = _element(where, dict(fields), problems)
+    if res is None:
+        raise ConfigError(problems)
+    return res
+
+
 def parse(text: str | None, source: str = ENV_VAR) -> Config:
     """Validate configuration ``text``; raise ConfigError listing every problem."""
     if text is None or not text.strip():
@@ -219,9 +228,7 @@ def parse(text: str | None, source: str = ENV_VAR) -> Config:
     for i, res in enumerate(resources):
         if res is None or res.mode is not Mode.PASSTHRU:
             continue
-        others = [
-            j for j, o in enumerate(resources) if o and j != i and o.master == res.master
-        ]
+        others = [j for j, o in enumerate(resources) if o and j != i and o.master == res.master]
         if others:
             problems.append(
                 f"{source}[{i}].mode: passthru needs lower link {json.dumps(res.master)} "

@@ -4,9 +4,10 @@
     ├── PermanentError        retrying cannot help: report and exit non-zero
     │   ├── ConfigError       the configuration breaks a rule (one line per problem)
     │   └── RenderError       a value cannot be written safely into supervisord's config
-    └── TemporaryError        the world is not ready yet: retried in-process with backoff
-        ├── RegistrationError the kubelet refused or did not answer Register
-        └── LinkMissingError  the lower link does not exist (Allocate fails; health waits)
+    ├── TemporaryError        the world is not ready yet: retried in-process with backoff
+    │   ├── RegistrationError the kubelet refused or did not answer Register
+    │   └── LinkMissingError  the lower link does not exist (Allocate fails; health waits)
+    └── AllocationError       the kernel refused a macvtap; Allocate fails, nothing is left
 
 Library errors (``grpc.RpcError``, ``OSError`` from netlink) are chained as the
 ``__cause__`` so callers only ever catch ours.
@@ -47,3 +48,7 @@ class RegistrationError(TemporaryError):
 
 class LinkMissingError(TemporaryError):
     """The resource's lower link does not exist in this network namespace."""
+
+
+class AllocationError(MacvtapdpError):
+    """Making a device's macvtap failed; the Allocate call fails and is rolled back."""

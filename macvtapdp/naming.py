@@ -63,7 +63,8 @@ def socket_name(name: str, token: str | None = None) -> str:
 
 def is_own_socket(name: str, filename: str) -> bool:
     """True for sockets of resource ``name``: ours from any start, or the Go plugin's."""
-    pattern = re.escape(socket_prefix(name)) + r"(@[0-9a-f]{%d}\.sock)?" % _TOKEN_HEX_DIGITS
+    token = f"@[0-9a-f]{{{_TOKEN_HEX_DIGITS}}}"
+    pattern = re.escape(socket_prefix(name)) + rf"({token}\.sock)?"
     return re.fullmatch(pattern, filename) is not None
 
 
