@@ -27,6 +27,7 @@ from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
 from macvtapdp.config import Resource
 from macvtapdp.dirwatch import IN_CREATE, IN_MOVED_TO, DirWatch
 from macvtapdp.errors import RegistrationError
+from macvtapdp.state import StateFile
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Lifecycle:
         add_servicer: Callable[[grpc.Server], None],
         stop: threading.Event,
         watch: DirWatch,
+        state: StateFile,
     ) -> None:
         self.resource = resource
         self.plugin_dir = plugin_dir
@@ -88,6 +90,7 @@ class Lifecycle:
         self._add_servicer = add_servicer
         self._stop = stop
         self._watch = watch
+        self._state = state
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc")
 
     def run(self) -> None:
@@ -129,6 +132,7 @@ class Lifecycle:
             return None
         server.start()
         log.info("serving on %s", endpoint)
+        self._state.update(endpoint=endpoint, kubelet="not registered")
         return server, path
 
     def _register(self, path: str) -> int | None:
@@ -144,6 +148,7 @@ class Lifecycle:
             if kubelet is None:
                 if not waiting_said:
                     log.info("waiting for the kubelet at %s", self.kubelet_socket)
+                    self._state.update(kubelet="waiting for the kubelet")
                     waiting_said = True
                 self._wait_for_kubelet(SAFETY_CHECK)
                 delay = BACKOFF_FIRST
@@ -152,12 +157,14 @@ class Lifecycle:
                 register(self.kubelet_socket, endpoint, self.resource.resource_name)
             except RegistrationError as err:
                 log.warning("registration failed (%s); retrying in %.2fs", err, delay)
+                self._state.update(kubelet=f"registration failed: {err}")
                 if self._wait_for_kubelet(delay):
                     delay = BACKOFF_FIRST  # a new kubelet socket: try again now
                 else:
                     delay = min(delay * 2, BACKOFF_MAX)
                 continue
             log.info("registered %s with the kubelet", self.resource.resource_name)
+            self._state.update(kubelet="registered", registered=time.time())
             return kubelet
         return None
 

@@ -27,6 +27,7 @@ from macvtapdp.lifecycle import Lifecycle
 from macvtapdp.linkwatch import LinkState, LinkWatcher
 from macvtapdp.rtnl import Rtnl
 from macvtapdp.servicer import DevicePluginServicer, Health
+from macvtapdp.state import StateFile
 
 log = logging.getLogger("macvtapdp")
 
@@ -40,8 +41,11 @@ def configure_logging(resource: str) -> None:
     )
 
 
-def serve(resource: Resource, plugin_dir: str) -> int:
-    """Serve ``resource`` until SIGTERM/SIGINT; return the exit code."""
+def serve(resource: Resource, plugin_dir: str, state_path: str | None = None) -> int:
+    """Serve ``resource`` until SIGTERM/SIGINT; return the exit code.
+
+    ``state_path``, if given, is kept up to date for ``macvtapdp status``.
+    """
     longest = naming.max_name_length(plugin_dir)
     if len(resource.name) > longest:
         raise PermanentError(
@@ -60,11 +64,13 @@ def serve(resource: Resource, plugin_dir: str) -> int:
     )
     stop = threading.Event()
     health = Health()
+    state = StateFile(state_path)
 
-    def link_changed(state: LinkState) -> None:
-        health.set(state.healthy, state.describe())
-        verdict = "Healthy" if state.healthy else "Unhealthy"
-        log.info("lower link %s is %s: devices %s", resource.master, state.describe(), verdict)
+    def link_changed(link: LinkState) -> None:
+        health.set(link.healthy, link.describe())
+        verdict = "Healthy" if link.healthy else "Unhealthy"
+        log.info("lower link %s is %s: devices %s", resource.master, link.describe(), verdict)
+        state.update(link=link.describe(), healthy=link.healthy)
 
     rtnl = Rtnl()
     servicer = DevicePluginServicer(resource, health, Allocator(resource, rtnl))
@@ -84,9 +90,10 @@ def serve(resource: Resource, plugin_dir: str) -> int:
 
         watcher.start()
         try:
-            Lifecycle(resource, plugin_dir, add_servicer, stop, watch).run()
+            Lifecycle(resource, plugin_dir, add_servicer, stop, watch, state).run()
         finally:
             watcher.stop()
             rtnl.close()
+            state.remove()
     log.info("stopped; socket removed")
     return 0
