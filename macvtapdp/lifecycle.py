@@ -72,6 +72,10 @@ def register(kubelet_socket: str, endpoint: str, resource_name: str) -> None:
         raise RegistrationError(f"{code.name if code else 'error'}: {detail}") from err
 
 
+def _created(events: list[tuple[int, str]], filename: str) -> bool:
+    return any(name == filename and mask & (IN_CREATE | IN_MOVED_TO) for mask, name in events)
+
+
 class Lifecycle:
     """The serve/register/watch loop of one resource; ``run`` returns on ``stop``."""
 
@@ -175,9 +179,8 @@ class Lifecycle:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            for mask, name in self._watch.wait(remaining):
-                if name == naming.KUBELET_SOCKET and mask & (IN_CREATE | IN_MOVED_TO):
-                    return True
+            if _created(self._watch.wait(remaining), naming.KUBELET_SOCKET):
+                return True
         return False
 
     def _watch_until_restart(self, path: str, kubelet: int) -> None:
@@ -185,14 +188,15 @@ class Lifecycle:
         endpoint = os.path.basename(path)
         gone_said = False
         while not self._stop.is_set():
-            self._watch.wait(SAFETY_CHECK)
+            events = self._watch.wait(SAFETY_CHECK)
             if self._stop.is_set():
                 return
             if inode(path) is None:
                 log.info("kubelet restart seen: %s was removed; registering again", endpoint)
                 return
             now = inode(self.kubelet_socket)
-            if now is not None and now != kubelet:
+            # inotify is the reliable signal: a new kubelet.sock may reuse the old inode
+            if now is not None and (now != kubelet or _created(events, naming.KUBELET_SOCKET)):
                 log.info("kubelet restart seen: new %s; registering again", naming.KUBELET_SOCKET)
                 return
             if now is None and not gone_said:
