@@ -1,0 +1,225 @@
+"""The deployment artifacts: valid for Kubernetes, and in agreement with the code.
+
+Every document in ``manifests/`` is checked against Kubernetes' OpenAPI schema
+in strict mode (unknown fields fail) with ``kubernetes_validate``, which ships
+the schemas in its package: nothing is fetched. The rest ties the manifests,
+the Containerfile and ``etc/`` to the code: the commands they run are commands
+the CLI has, with options it accepts, and the paths they mount are the paths
+the code uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import typer.core
+import typer.main
+import yaml
+from supervisor.options import ClientOptions
+
+from macvtapdp import config, macvtap, naming, supervisord
+from macvtapdp.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = ROOT / "manifests"
+CONTAINERFILE = ROOT / "Containerfile"
+KUBERNETES = "1.34"
+PLUGIN_DIR_ENV = "MACVTAPDP_PLUGIN_DIR"
+RUN_DIR_ENV = "MACVTAPDP_RUN_DIR"
+
+Doc = dict[str, Any]
+
+
+def documents() -> list[tuple[str, Doc]]:
+    """(``file:index``, document) for every YAML document under manifests/."""
+    found = []
+    for path in sorted(MANIFESTS.glob("*.yml")):
+        docs = yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        found += [(f"{path.name}:{i}", doc) for i, doc in enumerate(docs) if doc is not None]
+    return found
+
+
+def only(kind: str) -> Doc:
+    """The one manifest of ``kind``."""
+    matches = [doc for _, doc in documents() if doc["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind} in manifests/, found {len(matches)}"
+    return matches[0]
+
+
+def plugin_container() -> Doc:
+    containers: list[Doc] = only("DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def entrypoint() -> list[str]:
+    """The Containerfile's ENTRYPOINT, which must be in exec (JSON) form."""
+    lines = CONTAINERFILE.read_text(encoding="utf-8").splitlines()
+    found = [line.split(None, 1)[1] for line in lines if line.startswith("ENTRYPOINT ")]
+    assert len(found) == 1, "the Containerfile needs exactly one ENTRYPOINT"
+    argv: list[str] = json.loads(found[0])
+    return argv
+
+
+def container_argv(container: Doc) -> list[str]:
+    """What the container runs: ``command`` replaces the image's ENTRYPOINT."""
+    return [*container.get("command", entrypoint()), *container.get("args", [])]
+
+
+def cli_options(argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Doc:
+    """Parse ``argv`` as the CLI would in an environment of ``env``; its options' values.
+
+    Fails if the program is not ``macvtapdp``, the subcommand does not exist,
+    or an option is unknown. Nothing is run.
+    """
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    assert argv[0] == "macvtapdp" and argv[0] in project()["scripts"], argv
+    assert len(argv) > 1 and argv[1] in group.commands, (
+        f"{argv}: not a command of the CLI ({', '.join(sorted(group.commands))})"
+    )
+    for name in (config.ENV_VAR, config.ENV_FILE_VAR, PLUGIN_DIR_ENV, RUN_DIR_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ctx = group.commands[argv[1]].make_context(argv[1], argv[2:])
+    return dict(ctx.params)
+
+
+def container_env(container: Doc) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def project() -> Doc:
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        data: Doc = tomllib.load(fh)["project"]
+    return data
+
+
+def schema_problem(doc: Doc) -> str | None:
+    """Why ``doc`` is not a valid object of Kubernetes ``KUBERNETES`` (strict), or None."""
+    try:
+        used = kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        return f"{doc['kind']} {'.'.join(str(p) for p in err.path)}: {err.message}"
+    # validate() falls back to the newest schemas it has that are not newer.
+    return None if used == KUBERNETES else f"validated against {used}, not {KUBERNETES}"
+
+
+@pytest.mark.parametrize(("where", "doc"), documents(), ids=[w for w, _ in documents()])
+def test_manifest_is_valid_kubernetes(where: str, doc: Doc) -> None:
+    assert schema_problem(doc) is None
+
+
+def test_manifests_hold_the_expected_objects() -> None:
+    assert sorted(doc["kind"] for _, doc in documents()) == ["ConfigMap", "DaemonSet", "Pod"]
+    daemonset, configmap = only("DaemonSet"), only("ConfigMap")
+    assert daemonset["metadata"]["name"] == "macvtap-device-plugin"
+    assert configmap["metadata"]["name"] == "macvtapdp-config"
+    # A pod can mount a ConfigMap of its own namespace only.
+    assert daemonset["metadata"]["namespace"] == configmap["metadata"]["namespace"]
+
+
+def test_plugin_runs_a_cli_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    container = plugin_container()
+    argv = container_argv(container)
+    assert argv[:2] == ["macvtapdp", "run"]
+    cli_options(argv, container_env(container), monkeypatch)
+
+
+@pytest.mark.parametrize("probe", ["readinessProbe", "livenessProbe"])
+def test_probe_runs_a_cli_command(probe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    container = plugin_container()
+    argv = container[probe]["exec"]["command"]
+    assert argv[:2] == ["macvtapdp", "status"]
+    cli_options(argv, container_env(container), monkeypatch)
+
+
+def test_plugin_mounts_what_the_code_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    container = plugin_container()
+    pod = only("DaemonSet")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    used = cli_options(container_argv(container), container_env(container), monkeypatch)
+
+    assert used["run_dir"] == supervisord.DEFAULT_RUN_DIR
+    assert mounts[supervisord.DEFAULT_RUN_DIR]["emptyDir"] == {"medium": "Memory"}
+
+    assert used["plugin_dir"] == naming.DEFAULT_PLUGIN_DIR
+    plugin_dir = {"path": naming.DEFAULT_PLUGIN_DIR, "type": "Directory"}
+    assert mounts[naming.DEFAULT_PLUGIN_DIR]["hostPath"] == plugin_dir
+
+    # Allocate checks the host's /dev/tapN; the runtime's /dev is a copy made at start.
+    dev_dir = inspect.signature(macvtap.ensure).parameters["dev_dir"].default
+    assert mounts[dev_dir]["hostPath"] == {"path": "/dev", "type": "Directory"}
+
+
+def test_configuration_file_is_the_configmap_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    container = plugin_container()
+    configmap = only("ConfigMap")
+    used = cli_options(container_argv(container), container_env(container), monkeypatch)
+    conf_file = used["config_file"]
+    assert isinstance(conf_file, str)
+
+    directory, key = os.path.split(conf_file)
+    assert key == config.ENV_VAR and key in configmap["data"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == directory)
+    assert "subPath" not in mount  # a subPath mount never sees ConfigMap updates
+    volume = next(
+        v
+        for v in only("DaemonSet")["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == mount["name"]
+    )
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+
+
+def test_configmap_configuration_is_valid() -> None:
+    conf = config.parse(only("ConfigMap")["data"][config.ENV_VAR])
+    assert [(r.name, r.master, r.mode, r.capacity) for r in conf.resources] == [
+        ("eth0", "eth0", config.Mode.BRIDGE, 50)
+    ]
+
+
+def test_example_configuration_is_valid() -> None:
+    path = ROOT / "etc" / "config.example.json"
+    conf = config.parse(path.read_text(encoding="utf-8"), str(path))
+    assert len(conf.resources) == 2
+    assert {r.mode for r in conf.resources} == {config.Mode.BRIDGE, config.Mode.VEPA}
+
+
+def test_consumer_requests_configured_macvtap_resources() -> None:
+    conf = config.parse(only("ConfigMap")["data"][config.ENV_VAR])
+    offered = {r.resource_name for r in conf.resources}
+    for container in only("Pod")["spec"]["containers"]:
+        resources = container["resources"]
+        assert resources["requests"] == resources["limits"]  # extended resources need both
+        for name in resources["limits"]:
+            assert name.startswith(f"{naming.DOMAIN}/")
+            assert name in offered
+
+
+def test_containerfile_installs_the_entrypoint_and_supervisorctl_config() -> None:
+    assert entrypoint() == ["macvtapdp", "run"]
+    assert "macvtapdp" in project()["scripts"]
+    lines = CONTAINERFILE.read_text(encoding="utf-8").splitlines()
+    assert "COPY etc/supervisord.conf /etc/supervisord.conf" in lines
+
+
+def test_supervisorctl_finds_the_rendered_control_socket() -> None:
+    options = ClientOptions()
+    options.realize(args=["-c", str(ROOT / "etc" / "supervisord.conf")])
+    assert options.serverurl == supervisord.Layout().server_url
+
+
+def test_image_version_is_the_project_version() -> None:
+    version = project()["version"]
+    assert plugin_container()["image"].rsplit(":", 1)[1] == version
+    label = f'org.opencontainers.image.version="{version}"'
+    assert label in CONTAINERFILE.read_text(encoding="utf-8")
