@@ -14,7 +14,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from macvtapdp import config, naming
-from macvtapdp.errors import ConfigError, PermanentError
+from macvtapdp.errors import PermanentError
 from macvtapdp.supervisord import DEFAULT_RUN_DIR, Layout
 
 app = typer.Typer(
@@ -68,33 +68,19 @@ def serve(
     ] = None,
 ) -> None:
     """Serve one resource to the kubelet (supervisord runs one per resource)."""
-    try:
-        if master is not None:
-            fields: dict[str, object] = {"name": name, "master": master, "mode": mode.value}
-            if capacity is not None:
-                fields["capacity"] = capacity
-            resource = config.resource(fields, "serve")
-        else:
-            resource = _configured(name, config.load(file=config_file))
-        from macvtapdp.serve import serve as serve_resource
+    from macvtapdp import servecmd
 
-        state_path = Layout(run_dir).state_file(resource.name) if run_dir else None
-        raise typer.Exit(serve_resource(resource, plugin_dir, state_path))
-    except PermanentError as err:
-        fail(err)
-
-
-def _configured(name: str, conf: config.Config) -> config.Resource:
-    """Resource ``name`` of the configuration (in discovery mode: the link ``name``)."""
-    if conf.discovery:
-        return config.resource({"name": name, "master": name}, "serve")
-    found = conf.get(name)
-    if found is None:
-        known = ", ".join(r.name for r in conf.resources)
-        raise ConfigError(
-            [f"serve: no resource named {name!r} in {conf.source} (configured: {known})"]
+    raise typer.Exit(
+        servecmd.run(
+            name,
+            master=master,
+            mode=mode.value,
+            capacity=capacity,
+            plugin_dir=plugin_dir,
+            config_file=config_file,
+            run_dir=run_dir,
         )
-    return found
+    )
 
 
 RunDir = Annotated[

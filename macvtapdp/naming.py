@@ -15,8 +15,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 
 import xxhash
 
@@ -57,7 +57,7 @@ def socket_prefix(name: str) -> str:
 def socket_name(name: str, token: str | None = None) -> str:
     """A fresh socket file name for one start of resource ``name``'s server."""
     if token is None:
-        token = secrets.token_hex(_TOKEN_HEX_DIGITS // 2)
+        token = os.urandom(_TOKEN_HEX_DIGITS // 2).hex()
     return f"{socket_prefix(name)}@{token}.sock"
 
 

@@ -53,6 +53,7 @@ def serve(resource: Resource, plugin_dir: str, state_path: str | None = None) ->
             f"its socket path would exceed {naming.MAX_SOCKET_PATH} bytes "
             f"(at most {max(longest, 0)} characters here)"
         )
+    configure_logging(resource.name)
     os.umask(0o077)  # only root (the kubelet) may use our socket
     log.info(
         "serving %s: %d devices, macvtap mode %s on lower link %s, plugin directory %s",

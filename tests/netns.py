@@ -36,6 +36,11 @@ class NetNS:
         self.ip("link", "set", "lo", "up")
 
     def close(self) -> None:
+        """Delete the links first: ``ip netns del`` frees them later, in the background,
+        and a macvtap still alive then keeps its ``/dev/tapN`` from the next test's."""
+        for link in self.links():
+            if link["ifname"] != "lo":
+                self.ip("link", "del", "dev", link["ifname"], check=False)
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

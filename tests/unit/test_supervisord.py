@@ -11,7 +11,7 @@ import pytest
 from supervisor.options import ServerOptions
 
 from macvtapdp import config, supervisord
-from macvtapdp.errors import RenderError
+from macvtapdp.errors import ConfigError, RenderError
 
 BASE = ["/usr/local/bin/macvtapdp"]
 
@@ -113,13 +113,13 @@ def test_values_that_would_change_the_file_are_refused(plugin_dir: str, tmp_path
     "name", ["a\nb", "a;b", "a b", "a%b", "a:b", "a/b", "x" * 36, "[program:evil]"]
 )
 def test_hostile_resource_names_are_refused_by_validation(name: str) -> None:
-    with pytest.raises(config.ConfigError):
+    with pytest.raises(ConfigError):
         config.parse(json.dumps([{"name": name, "master": "x"}]))
 
 
 @pytest.mark.parametrize("master", ["a\nb", "a b", "a\tb", "a:b", "a/b", "é", "x" * 16])
 def test_hostile_interface_names_are_refused_by_validation(master: str) -> None:
-    with pytest.raises(config.ConfigError):
+    with pytest.raises(ConfigError):
         config.parse(json.dumps([{"name": "a", "master": master}]))
 
 
