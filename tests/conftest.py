@@ -7,6 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+# gRPC's C core logs at INFO (every GOAWAY of the kubelet stand-in) unless told otherwise
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from tests.netns import NetNS
 
 

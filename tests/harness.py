@@ -1,0 +1,131 @@
+"""Run the real programs for tests: ``macvtapdp serve`` and ``macvtapdp run``.
+
+Processes run inside a test's network namespace (``ip netns exec``, which also
+gives them that namespace's ``/sys``) and talk to the kubelet stand-in through
+a short temporary plugin directory (unix socket paths are limited to 107
+bytes). Their output is read from a pipe by a thread, line by line: supervisord
+reopens ``/dev/stdout`` for every program, which a regular file would not
+survive (platform-facts B4).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from tests.netns import NetNS
+
+RESOURCE_DOMAIN = "macvtap.network.kubevirt.io"
+
+
+def macvtapdp() -> list[str]:
+    """The installed console script (as in the image), else ``python -m macvtapdp``."""
+    script = os.path.join(os.path.dirname(sys.executable), "macvtapdp")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "macvtapdp"]
+
+
+def short_tempdir() -> str:
+    return tempfile.mkdtemp(prefix="mdp", dir="/tmp")
+
+
+def until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+class Output:
+    """Collects a process's output lines as they come."""
+
+    def __init__(self, stream: Sequence[bytes] | None) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: object) -> None:
+        for raw in stream or ():  # type: ignore[attr-defined]
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 10.0, start: int = 0) -> re.Match[str] | None:
+        """The first line from index ``start`` matching ``pattern``, waiting for it."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[start:]:
+                    if found := regex.search(line):
+                        return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def join(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+
+
+class Proc:
+    """A child process in a namespace, with its output collected."""
+
+    def __init__(
+        self, ns: NetNS, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> None:
+        self.argv = list(argv)
+        self.popen = subprocess.Popen(
+            ns.argv(self.argv),
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.output = Output(self.popen.stdout)  # type: ignore[arg-type]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait(self, timeout: float = 15.0) -> int:
+        """Wait for the exit; the exit code, once all output is read."""
+        self.popen.wait(timeout)
+        self.output.join()
+        if self.popen.stdout:
+            self.popen.stdout.close()
+        return self.popen.returncode
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait; SIGKILL the whole session if it does not exit. The exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+        return self.wait()
+
+
+def serve_argv(name: str, plugin_dir: str, *options: str) -> list[str]:
+    return [*macvtapdp(), "serve", name, f"--plugin-dir={plugin_dir}", *options]
+
+
+def rmtree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

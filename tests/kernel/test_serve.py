@@ -1,0 +1,265 @@
+"""``macvtapdp serve`` as a real process in its own netns, driven by the kubelet stand-in."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from tests import frames
+from tests.harness import RESOURCE_DOMAIN, Proc, rmtree, serve_argv, short_tempdir
+from tests.kubelet import FakeKubelet, ResourceState
+from tests.netns import NetNS
+
+pytestmark = pytest.mark.kernel
+
+NAME = "lw0"
+RESOURCE = f"{RESOURCE_DOMAIN}/{NAME}"
+CAPACITY = 4
+IDS = [f"{NAME}Mvp{i}" for i in range(CAPACITY)]
+
+
+@dataclass
+class Setup:
+    ns: NetNS
+    plugin_dir: str
+    kubelet: FakeKubelet
+    procs: list[Proc] = field(default_factory=list)
+
+    def serve(self, *options: str, name: str = NAME) -> Proc:
+        opts = options or (f"--master={NAME}", f"--capacity={CAPACITY}")
+        proc = Proc(self.ns, serve_argv(name, self.plugin_dir, *opts))
+        self.procs.append(proc)
+        return proc
+
+    def wait(self, check: object, timeout: float = 10.0) -> ResourceState:
+        assert callable(check)
+        ok = self.kubelet.wait_for(RESOURCE, check, timeout)
+        state = self.kubelet.state(RESOURCE)
+        assert ok, f"kubelet state never matched: {state}"
+        return state
+
+    def all_healthy(self) -> ResourceState:
+        return self.wait(lambda s: s.connected and s.allocatable == CAPACITY == s.capacity)
+
+    def all_unhealthy(self) -> ResourceState:
+        return self.wait(lambda s: s.connected and s.capacity == CAPACITY and s.allocatable == 0)
+
+    def tap_path(self, dev_id: str) -> str:
+        [container] = self.kubelet.allocate(RESOURCE, [dev_id], timeout=10).container_responses
+        [spec] = container.devices
+        assert spec.host_path == spec.container_path and spec.permissions == "rw"
+        return spec.host_path
+
+    def own_sockets(self) -> list[str]:
+        return [f for f in os.listdir(self.plugin_dir) if f.startswith(f"{RESOURCE_DOMAIN}_")]
+
+
+@pytest.fixture
+def setup(netns: NetNS) -> Iterator[Setup]:
+    netns.veth(NAME)
+    plugin_dir = short_tempdir()
+    kubelet = FakeKubelet(plugin_dir)
+    s = Setup(netns, plugin_dir, kubelet)
+    try:
+        yield s
+    finally:
+        codes = [p.terminate() for p in s.procs]
+        kubelet.stop()
+        rmtree(plugin_dir)
+        for p in s.procs:
+            assert "Traceback" not in p.output.text(), p.output.text()
+        assert all(c == 0 for c in codes), codes
+
+
+def test_registers_and_offers_every_device_healthy(setup: Setup) -> None:
+    setup.kubelet.start()
+    proc = setup.serve()
+    state = setup.all_healthy()
+    assert sorted(state.devices) == sorted(IDS)
+    [reg] = [r for r in setup.kubelet.registrations if r.error is None]
+    assert reg.version == "v1beta1" and reg.resource_name == RESOURCE
+    assert reg.endpoint.startswith(f"{RESOURCE_DOMAIN}_{NAME}@") and reg.endpoint.endswith(".sock")
+    assert state.options is not None and not state.options.pre_start_required
+    assert proc.output.wait_for(rf"\[{NAME}\] registered {RESOURCE}")
+
+
+def test_allocated_tap_passes_frames_both_ways(setup: Setup) -> None:
+    setup.ns.ip("link", "set", NAME, "txqueuelen", "777")
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    path = setup.tap_path(IDS[2])
+    [tap] = setup.ns.macvtaps()
+    assert path == f"/dev/tap{tap['ifindex']}"
+    assert tap["linkinfo"]["info_data"]["mode"] == "bridge" and tap["link"] == NAME
+    assert tap["txqlen"] == 777 and "UP" in tap["flags"]
+    peer_mac = setup.ns.link(f"{NAME}p")["address"]  # type: ignore[index]
+    fd = frames.open_tap(path)
+    try:
+        with setup.ns.entered():
+            peer = frames.packet_socket(f"{NAME}p")
+        with peer:
+            inbound = secrets.token_bytes(8)
+            peer.send(frames.frame(tap["address"], peer_mac, inbound))
+            assert frames.read_tap(fd, inbound)[:6] == frames.mac_bytes(tap["address"])
+            outbound = secrets.token_bytes(8)
+            frames.write_tap(fd, frames.frame(peer_mac, tap["address"], outbound))
+            assert frames.recv_packet(peer, outbound)[6:12] == frames.mac_bytes(tap["address"])
+    finally:
+        os.close(fd)
+
+
+def test_allocating_again_returns_the_same_tap(setup: Setup) -> None:
+    """The kubelet allocates an init container's devices again for the app container."""
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    first = setup.tap_path(IDS[0])
+    again = setup.tap_path(IDS[0])
+    assert first == again
+    assert len(setup.ns.macvtaps()) == 1
+
+
+def test_anything_else_with_the_name_is_replaced(setup: Setup) -> None:
+    from macvtapdp.naming import interface_name
+
+    squatter = interface_name(IDS[1])
+    setup.ns.ip("link", "add", squatter, "type", "veth", "peer", "name", "sq0")
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    path = setup.tap_path(IDS[1])
+    shown = setup.ns.link(squatter)
+    assert shown is not None and shown["linkinfo"]["info_kind"] == "macvtap"
+    assert path == f"/dev/tap{shown['ifindex']}"
+
+
+def test_unknown_device_is_refused_and_nothing_is_made(setup: Setup) -> None:
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    for bad in (["eth9Mvp0"], [IDS[0], f"{NAME}Mvp{CAPACITY}"]):
+        with pytest.raises(grpc.RpcError) as caught:
+            setup.kubelet.allocate(RESOURCE, bad, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert setup.ns.macvtaps() == []
+
+
+def test_health_follows_the_lower_link(setup: Setup) -> None:
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    setup.ns.ip("link", "set", NAME, "down")
+    setup.all_unhealthy()
+    setup.ns.ip("link", "set", NAME, "up")
+    setup.all_healthy()
+    setup.ns.ip("link", "set", f"{NAME}p", "down")  # carrier lost
+    setup.all_unhealthy()
+    setup.ns.ip("link", "set", f"{NAME}p", "up")
+    setup.all_healthy()
+    index = setup.ns.link(NAME)["ifindex"]  # type: ignore[index]
+    setup.ns.ip("link", "del", NAME)
+    setup.all_unhealthy()
+    setup.ns.veth(NAME)
+    assert setup.ns.link(NAME)["ifindex"] != index  # type: ignore[index]
+    setup.all_healthy()
+    assert setup.tap_path(IDS[0]).startswith("/dev/tap")
+
+
+def test_missing_lower_link_offers_all_devices_unhealthy(setup: Setup) -> None:
+    setup.ns.ip("link", "del", NAME)
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_unhealthy()
+    with pytest.raises(grpc.RpcError) as caught:
+        setup.kubelet.allocate(RESOURCE, [IDS[0]], timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    setup.ns.veth(NAME)
+    setup.all_healthy()
+
+
+def test_waits_for_a_kubelet_that_is_not_there_yet(setup: Setup) -> None:
+    proc = setup.serve()
+    assert proc.output.wait_for("waiting for the kubelet")
+    time.sleep(0.5)
+    setup.kubelet.start()
+    setup.all_healthy()
+
+
+def test_registers_again_after_a_kubelet_restart(setup: Setup) -> None:
+    setup.kubelet.start()
+    proc = setup.serve()
+    setup.all_healthy()
+    for round_ in range(3):
+        before = setup.kubelet.state(RESOURCE).endpoint
+        setup.kubelet.restart()
+        state = setup.all_healthy()
+        assert state.endpoint != before, f"round {round_}: same socket name reused"
+        assert setup.own_sockets() == [state.endpoint]
+    assert proc.output.wait_for("kubelet restart seen")
+
+
+def test_stale_sockets_of_the_resource_are_removed(setup: Setup) -> None:
+    setup.kubelet.start()
+    stale = [f"{RESOURCE_DOMAIN}_{NAME}", f"{RESOURCE_DOMAIN}_{NAME}@abcdef.sock"]
+    other = f"{RESOURCE_DOMAIN}_{NAME}x@abcdef.sock"  # another resource's: kept
+    for name in [*stale, other]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(os.path.join(setup.plugin_dir, name))
+    setup.serve()
+    state = setup.all_healthy()
+    assert sorted(setup.own_sockets()) == sorted([state.endpoint, other])
+
+
+def test_sigterm_ends_the_stream_and_removes_the_socket(setup: Setup) -> None:
+    setup.kubelet.start()
+    proc = setup.serve()
+    setup.all_healthy()
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert time.monotonic() - started < 2.0
+    assert setup.own_sockets() == []
+    state = setup.kubelet.state(RESOURCE)
+    assert not state.connected and state.allocatable == 0
+
+
+def test_passthru_takes_the_whole_link(setup: Setup) -> None:
+    setup.kubelet.start()
+    setup.serve(f"--master={NAME}", "--mode=passthru")
+    assert setup.wait(lambda s: s.connected and s.allocatable == 1 == s.capacity)
+    path = setup.tap_path(f"{NAME}Mvp0")
+    [tap] = setup.ns.macvtaps()
+    assert tap["linkinfo"]["info_data"]["mode"] == "passthru"
+    assert path == f"/dev/tap{tap['ifindex']}"
+
+
+def test_configured_resource_is_looked_up_by_name(setup: Setup) -> None:
+    setup.kubelet.start()
+    conf = f'[{{"name":"{NAME}","lowerDevice":"{NAME}","mode":"vepa","capacity":{CAPACITY}}}]'
+    proc = Proc(setup.ns, serve_argv(NAME, setup.plugin_dir), env={"DP_MACVTAP_CONF": conf})
+    setup.procs.append(proc)
+    setup.all_healthy()
+    setup.tap_path(IDS[0])
+    [tap] = setup.ns.macvtaps()
+    assert tap["linkinfo"]["info_data"]["mode"] == "vepa"
+
+
+def test_bad_options_exit_2_with_one_line(setup: Setup) -> None:
+    proc = Proc(setup.ns, serve_argv("a b", setup.plugin_dir, "--master=x y", "--capacity=0"))
+    assert proc.wait(10) == 2
+    assert proc.output.lines == [
+        'macvtapdp: error: serve.name: "a b" is not a valid resource name: use letters, '
+        'digits, "-", "_" or ".", starting and ending with a letter or digit',
+        'macvtapdp: error: serve.master: "x y" is not a valid interface name (1-15 printable '
+        'ASCII characters, not "." or "..", no "/", ":" or whitespace)',
+        "macvtapdp: error: serve.capacity: 0 is out of range; must be between 1 and 1000",
+    ]
