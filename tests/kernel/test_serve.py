@@ -216,7 +216,7 @@ def test_stale_sockets_of_the_resource_are_removed(setup: Setup) -> None:
             s.bind(os.path.join(setup.plugin_dir, name))
     setup.serve()
     state = setup.all_healthy()
-    assert sorted(setup.own_sockets()) == sorted([state.endpoint, other])
+    assert sorted(setup.own_sockets()) == sorted([str(state.endpoint), other])
 
 
 def test_sigterm_ends_the_stream_and_removes_the_socket(setup: Setup) -> None:
