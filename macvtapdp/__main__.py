@@ -7,11 +7,11 @@ import sys
 
 def main() -> None:
     args = sys.argv[1:]
-    if args[:1] == ["serve"] and not {"-h", "--help"} & set(args):
-        # the per-resource process: keep typer off its path (see servecmd)
-        from macvtapdp import servecmd
+    if args[:1] in (["serve"], ["run"]) and not {"-h", "--help"} & set(args):
+        # what the container runs by itself: keep typer off its path (see entry)
+        from macvtapdp import entry
 
-        raise SystemExit(servecmd.main(args[1:]))
+        raise SystemExit(entry.main(args[0], args[1:]))
     from macvtapdp.cli import app
 
     app()

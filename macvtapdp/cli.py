@@ -6,8 +6,6 @@ never load grpc, and each ``serve`` process loads only the serving path.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from typing import Annotated, NoReturn
 
@@ -42,9 +40,9 @@ ConfigFile = Annotated[
 
 def fail(err: PermanentError) -> NoReturn:
     """Print each problem on its own line and exit 2: no traceback for user mistakes."""
-    for line in str(err).splitlines():
-        print(f"macvtapdp: error: {line}", file=sys.stderr)
-    raise typer.Exit(2)
+    from macvtapdp.entry import report
+
+    raise typer.Exit(report(err))
 
 
 @app.command()
@@ -68,10 +66,10 @@ def serve(
     ] = None,
 ) -> None:
     """Serve one resource to the kubelet (supervisord runs one per resource)."""
-    from macvtapdp import servecmd
+    from macvtapdp import entry
 
     raise typer.Exit(
-        servecmd.run(
+        entry.serve(
             name,
             master=master,
             mode=mode.value,
@@ -92,12 +90,6 @@ RunDir = Annotated[
 ]
 
 
-def _render(conf: config.Config, plugin_dir: str, layout: Layout) -> str:
-    from macvtapdp import supervisord
-
-    return supervisord.render(conf, plugin_dir=plugin_dir, layout=layout)
-
-
 @app.command("render-config")
 def render_config(
     output: Annotated[
@@ -108,9 +100,12 @@ def render_config(
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:
     """Validate the configuration and print the supervisord config for it."""
+    from macvtapdp.launch import write_atomically
+    from macvtapdp.supervisord import render
+
     try:
         conf = config.load(file=config_file)
-        text = _render(conf, plugin_dir, Layout(run_dir))
+        text = render(conf, plugin_dir=plugin_dir, layout=Layout(run_dir))
     except PermanentError as err:
         fail(err)
     if output is None:
@@ -126,43 +121,9 @@ def run(
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:
     """Start everything: validate, render, and exec supervisord (the DaemonSet entrypoint)."""
-    layout = Layout(run_dir)
-    try:
-        conf = config.load(file=config_file)
-        text = _render(conf, plugin_dir, layout)
-    except PermanentError as err:
-        fail(err)
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    write_atomically(layout.conf, text)
-    names = ", ".join(r.name for r in conf.resources) or "(none)"
-    print(
-        f"macvtapdp: {len(conf.resources)} resources from {conf.source}: {names}; "
-        f"starting supervisord with {layout.conf}",
-        file=sys.stderr,
-        flush=True,
-    )
-    # children inherit these: serve writes its state file, status finds it
-    os.environ["MACVTAPDP_RUN_DIR"] = run_dir
-    os.environ["MACVTAPDP_PLUGIN_DIR"] = plugin_dir
-    supervisord = _supervisord()
-    os.execv(supervisord[0], [*supervisord, "--nodaemon", "--configuration", layout.conf])
+    from macvtapdp import entry
 
-
-def _supervisord() -> list[str]:
-    """supervisord from this installation (beside our interpreter), else from PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), "supervisord")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("supervisord")
-    return [found] if found else [sys.executable, "-m", "supervisor.supervisord"]
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new file, never half."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    raise typer.Exit(entry.run(plugin_dir=plugin_dir, config_file=config_file, run_dir=run_dir))
 
 
 @app.command()

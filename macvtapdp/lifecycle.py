@@ -145,6 +145,9 @@ class Lifecycle:
         delay = BACKOFF_FIRST
         waiting_said = False
         while not self._stop.is_set():
+            # Forget what happened so far: after this, a kubelet socket CREATE means a
+            # kubelet newer than the one we are about to register with.
+            self._watch.wait(0)
             if inode(path) is None:
                 log.info("socket %s vanished before registration; serving again", endpoint)
                 return None

@@ -129,3 +129,66 @@ def serve_argv(name: str, plugin_dir: str, *options: str) -> list[str]:
 
 def rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+class Node:
+    """``macvtapdp run`` (supervisord and its programs) in a namespace, with a kubelet.
+
+    ``env`` is the container's environment (``DP_MACVTAP_CONF`` and friends).
+    """
+
+    def __init__(self, ns: NetNS, env: Mapping[str, str] | None = None) -> None:
+        from tests.kubelet import FakeKubelet
+
+        self.ns = ns
+        self.env = dict(env or {})
+        self.plugin_dir = short_tempdir()
+        self.run_dir = short_tempdir()
+        self.kubelet = FakeKubelet(self.plugin_dir)
+        self.proc: Proc | None = None
+
+    def start(self) -> Proc:
+        argv = [*macvtapdp(), "run", f"--plugin-dir={self.plugin_dir}", f"--run-dir={self.run_dir}"]
+        self.proc = Proc(self.ns, argv, env=self.env)
+        return self.proc
+
+    @property
+    def output(self) -> Output:
+        assert self.proc is not None
+        return self.proc.output
+
+    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """supervisorctl with the rendered config, as ``kubectl exec`` would run it."""
+        script = os.path.join(os.path.dirname(sys.executable), "supervisorctl")
+        conf = os.path.join(self.run_dir, "supervisord.conf")
+        return subprocess.run(
+            [script, "-c", conf, *args], capture_output=True, text=True, timeout=30
+        )
+
+    def status(self) -> subprocess.CompletedProcess[str]:
+        """``macvtapdp status`` for this node."""
+        argv = [
+            *macvtapdp(),
+            "status",
+            f"--plugin-dir={self.plugin_dir}",
+            f"--run-dir={self.run_dir}",
+        ]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    def processes(self) -> dict[str, dict[str, object]]:
+        """supervisord's view: program name -> getProcessInfo dict."""
+        from macvtapdp import control
+        from macvtapdp.supervisord import Layout
+
+        return {str(p["name"]): p for p in control.processes(Layout(self.run_dir))}
+
+    def pid(self, program: str) -> int:
+        return int(str(self.processes()[program]["pid"]))
+
+    def stop(self) -> int:
+        """SIGTERM to supervisord (the pod's SIGTERM); its exit code."""
+        code = self.proc.terminate() if self.proc else 0
+        self.kubelet.stop()
+        rmtree(self.plugin_dir)
+        rmtree(self.run_dir)
+        return code
