@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,13 @@ def row(info: dict[str, Any], layout: Layout, plugin_dir: str) -> Row:
             "total": counts[1] if counts else 0,
         }
     )
+
+
+def rows(infos: Sequence[dict[str, Any]], layout: Layout, plugin_dir: str) -> list[Row]:
+    """Every program's row, probing the resources' sockets in parallel (probe timeouts
+    must not add up past the probe's own timeout)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(infos)))) as pool:
+        return list(pool.map(lambda info: row(info, layout, plugin_dir), infos))
 
 
 def _uptime(seconds: float) -> str:
