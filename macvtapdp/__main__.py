@@ -7,7 +7,7 @@ import sys
 
 def main() -> None:
     args = sys.argv[1:]
-    if args[:1] in (["serve"], ["run"]) and not {"-h", "--help"} & set(args):
+    if args[:1] in (["serve"], ["run"], ["reconcile"]) and not {"-h", "--help"} & set(args):
         # what the container runs by itself: keep typer off its path (see entry)
         from macvtapdp import entry
 

@@ -11,7 +11,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from macvtapdp import config, naming
+from macvtapdp import config, discovery, naming
 from macvtapdp.errors import PermanentError
 from macvtapdp.supervisord import DEFAULT_RUN_DIR, Layout
 
@@ -114,16 +114,101 @@ def render_config(
         write_atomically(output, text)
 
 
+DiscoverInclude = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar=discovery.INCLUDE_VAR,
+        metavar="GLOB",
+        help="Discovery: offer only links whose name matches one of these globs "
+        "(repeat the option, or separate with commas).",
+    ),
+]
+DiscoverExclude = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar=discovery.EXCLUDE_VAR,
+        metavar="GLOB",
+        help="Discovery: never offer links whose name matches one of these globs.",
+    ),
+]
+DiscoverKinds = Annotated[
+    list[str] | None,
+    typer.Option(
+        envvar=discovery.KINDS_VAR,
+        metavar="KIND",
+        help="Discovery: also offer links of these kinds, besides physical NICs and bonds: "
+        "a link kind as `ip -d link` shows it (veth, bridge, vlan, team...) or usb, "
+        "thunderbolt, wireless, virtual (no kind, no device).",
+    ),
+]
+DiscoverGrace = Annotated[
+    float,
+    typer.Option(
+        envvar=discovery.GRACE_VAR,
+        metavar="SECONDS",
+        min=0,
+        help="Discovery: keep the resource of a link that disappeared this long, "
+        "so a link deleted and created again keeps its process and kubelet stream.",
+    ),
+]
+
+
 @app.command()
 def run(
     plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
     config_file: ConfigFile = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    discover_include: DiscoverInclude = None,
+    discover_exclude: DiscoverExclude = None,
+    discover_kinds: DiscoverKinds = None,
+    discover_grace: DiscoverGrace = discovery.DEFAULT_GRACE,
 ) -> None:
-    """Start everything: validate, render, and exec supervisord (the DaemonSet entrypoint)."""
+    """Start everything: validate, render, and exec supervisord (the DaemonSet entrypoint).
+
+    Without a configuration (DP_MACVTAP_CONF unset or []), discovery mode: one
+    resource per physical NIC or bond, named after it, following links as they
+    come and go. With --config-file, changes to the file are applied live:
+    only the resources whose settings changed restart.
+    """
     from macvtapdp import entry
 
-    raise typer.Exit(entry.run(plugin_dir=plugin_dir, config_file=config_file, run_dir=run_dir))
+    raise typer.Exit(
+        entry.run(
+            plugin_dir=plugin_dir,
+            config_file=config_file,
+            run_dir=run_dir,
+            discover_include=discover_include,
+            discover_exclude=discover_exclude,
+            discover_kinds=discover_kinds,
+            discover_grace=discover_grace,
+        )
+    )
+
+
+@app.command(hidden=True)
+def reconcile(
+    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
+    config_file: ConfigFile = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    discover_include: DiscoverInclude = None,
+    discover_exclude: DiscoverExclude = None,
+    discover_kinds: DiscoverKinds = None,
+    discover_grace: DiscoverGrace = discovery.DEFAULT_GRACE,
+) -> None:
+    """supervisord's program: keep the resource programs equal to the links or the file."""
+    from macvtapdp import entry
+
+    raise typer.Exit(
+        entry.reconcile(
+            plugin_dir=plugin_dir,
+            config_file=config_file,
+            run_dir=run_dir,
+            discover_include=discover_include,
+            discover_exclude=discover_exclude,
+            discover_kinds=discover_kinds,
+            discover_grace=discover_grace,
+        )
+    )
 
 
 @app.command()

@@ -17,6 +17,7 @@ import os
 import select
 import struct
 
+IN_CLOSE_WRITE = 0x8
 IN_CREATE = 0x100
 IN_DELETE = 0x200
 IN_MOVED_FROM = 0x40
@@ -28,6 +29,8 @@ IN_Q_OVERFLOW = 0x4000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 _MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF
+# A file edited in place (or a ConfigMap volume's ``..data`` symlink swapped) is also a change
+FILE_CHANGES = _MASK | IN_CLOSE_WRITE
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -41,10 +44,15 @@ def _check(result: int, what: str) -> int:
 
 
 class DirWatch:
-    """Inotify on one directory; the directory may come and go."""
+    """Inotify on one directory; the directory may come and go.
 
-    def __init__(self, path: str) -> None:
+    ``mask`` selects the events (default: entries created, deleted or moved);
+    ``FILE_CHANGES`` adds files written and closed.
+    """
+
+    def __init__(self, path: str, mask: int = _MASK) -> None:
         self.path = path
+        self._mask = mask
         self._fd = _check(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC), "inotify_init1")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wd: int | None = None
@@ -54,7 +62,7 @@ class DirWatch:
         """Watch the directory if it exists now (the kubelet creates it at start)."""
         if self._wd is not None:
             return
-        wd = _libc.inotify_add_watch(self._fd, os.fsencode(self.path), _MASK)
+        wd = _libc.inotify_add_watch(self._fd, os.fsencode(self.path), self._mask)
         if wd >= 0:
             self._wd = wd
         elif ctypes.get_errno() != errno.ENOENT:
@@ -89,6 +97,15 @@ class DirWatch:
                 except BlockingIOError:
                     break
         return self._read() if self._fd in ready else []
+
+    def fileno(self) -> int:
+        """The inotify descriptor, for callers that select() on several sources."""
+        return self._fd
+
+    def read(self) -> list[tuple[int, str]]:
+        """The queued events, without blocking; arms the watch if the directory is new."""
+        self._arm()
+        return self._read()
 
     def _read(self) -> list[tuple[int, str]]:
         events: list[tuple[int, str]] = []

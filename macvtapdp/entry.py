@@ -1,10 +1,11 @@
-"""Small argparse front ends for the two commands the container runs by itself.
+"""Small argparse front ends for the commands the container runs by itself.
 
-``run`` starts every container and ``serve`` runs once per resource, so what
-they load is paid at every start and, for ``serve``, once per resource. typer
+``run`` starts every container, ``serve`` runs once per resource and
+``reconcile`` beside them in discovery mode or with a configuration file, so
+what they load is paid at every start and, for ``serve``, once per resource. typer
 (with click, rich and pydantic) costs about 0.25 s and 13 MiB of RSS per
 process, against a 2 s cold-start and a 45 MiB per-resource budget; argparse
-costs almost nothing. ``__main__`` sends these two commands here; the typer
+costs almost nothing. ``__main__`` sends these commands here; the typer
 commands of the same names (for ``--help`` and humans) call the same
 functions, and a unit test keeps the option lists of both equal.
 """
@@ -12,11 +13,12 @@ functions, and a unit test keeps the option lists of both equal.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from macvtapdp import config, naming
+from macvtapdp import config, discovery, naming
 from macvtapdp.errors import ConfigError, PermanentError
 from macvtapdp.supervisord import DEFAULT_RUN_DIR
 
@@ -29,11 +31,20 @@ SERVE_OPTIONS: dict[str, str | None] = {
     "--config-file": config.ENV_FILE_VAR,
     "--run-dir": "MACVTAPDP_RUN_DIR",
 }
+DISCOVERY_OPTIONS: dict[str, str | None] = {
+    "--discover-include": discovery.INCLUDE_VAR,
+    "--discover-exclude": discovery.EXCLUDE_VAR,
+    "--discover-kinds": discovery.KINDS_VAR,
+    "--discover-grace": discovery.GRACE_VAR,
+}
 RUN_OPTIONS: dict[str, str | None] = {
     "--plugin-dir": "MACVTAPDP_PLUGIN_DIR",
     "--config-file": config.ENV_FILE_VAR,
     "--run-dir": "MACVTAPDP_RUN_DIR",
+    **DISCOVERY_OPTIONS,
 }
+RECONCILE_OPTIONS: dict[str, str | None] = dict(RUN_OPTIONS)
+_LISTS = ("--discover-include", "--discover-exclude", "--discover-kinds")
 
 
 def report(err: PermanentError) -> int:
@@ -99,21 +110,92 @@ def serve(
         return report(err)
 
 
+def discovery_settings(
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    kinds: Sequence[str] | None,
+    grace: float | str | None,
+    env: Mapping[str, str],
+) -> tuple[discovery.Filters, float]:
+    """The discovery filters and grace from the options, else their environment variables."""
+
+    def items(values: Sequence[str] | None, var: str) -> tuple[str, ...]:
+        return discovery.split(values) or discovery.split(env.get(var))
+
+    if grace is None or grace == "":
+        grace = env.get(discovery.GRACE_VAR) or discovery.DEFAULT_GRACE
+    try:
+        seconds = float(grace)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(
+            [f"--discover-grace: must be a number of seconds >= 0, got {str(grace)!r}"]
+        )
+    filters = discovery.Filters(
+        include=items(include, discovery.INCLUDE_VAR),
+        exclude=items(exclude, discovery.EXCLUDE_VAR),
+        kinds=items(kinds, discovery.KINDS_VAR),
+    )
+    return filters, seconds
+
+
 def run(
     *,
     plugin_dir: str | None = None,
     config_file: str | None = None,
     run_dir: str | None = None,
+    discover_include: Sequence[str] | None = None,
+    discover_exclude: Sequence[str] | None = None,
+    discover_kinds: Sequence[str] | None = None,
+    discover_grace: float | str | None = None,
     env: Mapping[str, str] = os.environ,
 ) -> int:
     """``macvtapdp run``: becomes supervisord; returns only on bad configuration."""
     from macvtapdp.launch import launch
 
     try:
+        filters, grace = discovery_settings(
+            discover_include, discover_exclude, discover_kinds, discover_grace, env
+        )
         launch(
             _env(plugin_dir, "MACVTAPDP_PLUGIN_DIR", env) or naming.DEFAULT_PLUGIN_DIR,
             _env(config_file, config.ENV_FILE_VAR, env),
             _env(run_dir, "MACVTAPDP_RUN_DIR", env) or DEFAULT_RUN_DIR,
+            filters,
+            grace,
+        )
+    except PermanentError as err:
+        return report(err)
+
+
+def reconcile(
+    *,
+    plugin_dir: str | None = None,
+    config_file: str | None = None,
+    run_dir: str | None = None,
+    discover_include: Sequence[str] | None = None,
+    discover_exclude: Sequence[str] | None = None,
+    discover_kinds: Sequence[str] | None = None,
+    discover_grace: float | str | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> int:
+    """``macvtapdp reconcile`` (supervisord runs it): the exit code."""
+    from macvtapdp import reconcile as rec
+    from macvtapdp.supervisord import self_command
+
+    try:
+        filters, grace = discovery_settings(
+            discover_include, discover_exclude, discover_kinds, discover_grace, env
+        )
+        file = _env(config_file, config.ENV_FILE_VAR, env)
+        return rec.main(
+            plugin_dir=_env(plugin_dir, "MACVTAPDP_PLUGIN_DIR", env) or naming.DEFAULT_PLUGIN_DIR,
+            run_dir=_env(run_dir, "MACVTAPDP_RUN_DIR", env) or DEFAULT_RUN_DIR,
+            config_file=os.path.abspath(file) if file else None,
+            filters=filters,
+            grace=grace,
+            base=self_command(),
         )
     except PermanentError as err:
         return report(err)
@@ -125,6 +207,8 @@ def _parser(command: str, options: Mapping[str, str | None]) -> argparse.Argumen
         kwargs: dict[str, object] = {}
         if flag == "--capacity":
             kwargs["type"] = int
+        elif flag in _LISTS:
+            kwargs["action"] = "append"
         elif flag == "--mode":
             kwargs.update(choices=[m.value for m in config.Mode], default="bridge")
         p.add_argument(flag, **kwargs)  # type: ignore[arg-type]
@@ -132,12 +216,14 @@ def _parser(command: str, options: Mapping[str, str | None]) -> argparse.Argumen
 
 
 def main(command: str, argv: Sequence[str]) -> int:
-    """Parse ``argv`` of ``command`` (``serve`` or ``run``) and run it."""
+    """Parse ``argv`` of ``command`` (``serve``, ``run`` or ``reconcile``) and run it."""
     if command == "serve":
         p = _parser("serve", SERVE_OPTIONS)
         p.add_argument("name")
         args = vars(p.parse_args(argv))
         name = args.pop("name")
         return serve(name, **args)
+    if command == "reconcile":
+        return reconcile(**vars(_parser("reconcile", RECONCILE_OPTIONS).parse_args(argv)))
     args = vars(_parser("run", RUN_OPTIONS).parse_args(argv))
     return run(**args)

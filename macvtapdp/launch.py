@@ -3,6 +3,12 @@
 After the exec supervisord is the container's PID 1: it gets the pod's SIGTERM
 and stops every resource. Nothing half-made on bad configuration: every
 problem is reported and nothing is written or started.
+
+Two shapes. With ``DP_MACVTAP_CONF`` (the Go plugin's way) the resources are
+fixed: their programs are written inline. In discovery mode, or with a
+configuration file, they change while running: the resources' program files
+are written into ``programs.d`` now, so they start at once, and a
+``reconcile`` program keeps them up to date (see ``reconcile``).
 """
 
 from __future__ import annotations
@@ -10,18 +16,14 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
-from macvtapdp import config
-from macvtapdp.supervisord import Layout, render
+from macvtapdp import config, discovery, programs
+from macvtapdp.programs import write_atomically
+from macvtapdp.supervisord import Layout, render, self_command
 
-
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new file, never half."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+__all__ = ["launch", "reconcile_argv", "supervisord_argv", "write_atomically"]
 
 
 def supervisord_argv() -> list[str]:
@@ -33,17 +35,78 @@ def supervisord_argv() -> list[str]:
     return [found] if found else [sys.executable, "-m", "supervisor.supervisord"]
 
 
-def launch(plugin_dir: str, config_file: str | None, run_dir: str) -> NoReturn:
+def reconcile_argv(
+    base: Sequence[str],
+    *,
+    plugin_dir: str,
+    run_dir: str,
+    config_file: str | None,
+    filters: discovery.Filters,
+    grace: float,
+) -> list[str]:
+    """The ``reconcile`` program's command line: every setting explicit, visible in ``ps``."""
+    argv = [*base, "reconcile", f"--plugin-dir={plugin_dir}", f"--run-dir={run_dir}"]
+    if config_file is not None:
+        argv.append(f"--config-file={config_file}")
+    return [*argv, *filters.argv(), f"--discover-grace={grace:g}"]
+
+
+def _discover(filters: discovery.Filters, plugin_dir: str) -> list[config.Resource]:
+    try:
+        return discovery.offered(discovery.scan(filters, plugin_dir))
+    except OSError as err:  # reconcile tries again
+        print(f"macvtapdp: warning: cannot list links: {err}", file=sys.stderr)
+        return []
+
+
+def launch(
+    plugin_dir: str,
+    config_file: str | None,
+    run_dir: str,
+    filters: discovery.Filters | None = None,
+    grace: float = discovery.DEFAULT_GRACE,
+) -> NoReturn:
     """Validate and render (raising ConfigError/RenderError), then become supervisord."""
+    filters = filters or discovery.Filters()
     layout = Layout(run_dir)
+    if config_file is not None:
+        # not realpath: a ConfigMap volume swaps the symlinks under this path
+        config_file = os.path.abspath(config_file)
     conf = config.load(file=config_file)
-    text = render(conf, plugin_dir=plugin_dir, layout=layout)
+    base = self_command()
+    dynamic = config_file is not None or conf.discovery
+    if dynamic:
+        argv = reconcile_argv(
+            base,
+            plugin_dir=plugin_dir,
+            run_dir=run_dir,
+            config_file=config_file,
+            filters=filters,
+            grace=grace,
+        )
+        text = render(conf, plugin_dir=plugin_dir, layout=layout, base=base, reconcile=argv)
+        resources = _discover(filters, plugin_dir) if conf.discovery else list(conf.resources)
+        for r in resources:  # refuse unwritable values before anything is written
+            programs.text(r, plugin_dir, base)
+    else:
+        text = render(conf, plugin_dir=plugin_dir, layout=layout, base=base)
+        resources = list(conf.resources)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    if dynamic:
+        programs.write(layout, resources, plugin_dir, base)
     write_atomically(layout.conf, text)
-    names = ", ".join(r.name for r in conf.resources) or "(none)"
+    names = ", ".join(r.name for r in resources) or "(none)"
+    if conf.discovery:
+        what = f"discovery mode ({filters.describe()}): {len(resources)} links offered: {names}"
+    else:
+        what = f"{len(resources)} resources from {conf.source}: {names}"
+    follows = {
+        (True, True): "; the reconcile program follows links and the file",
+        (True, False): "; the reconcile program follows links",
+        (False, True): "; the reconcile program follows the file",
+    }.get((conf.discovery, config_file is not None), "")
     print(
-        f"macvtapdp: {len(conf.resources)} resources from {conf.source}: {names}; "
-        f"starting supervisord with {layout.conf}",
+        f"macvtapdp: {what}{follows}; starting supervisord with {layout.conf}",
         file=sys.stderr,
         flush=True,
     )

@@ -147,9 +147,10 @@ class Node:
         self.kubelet = FakeKubelet(self.plugin_dir)
         self.proc: Proc | None = None
 
-    def start(self) -> Proc:
+    def start(self, *options: str) -> Proc:
+        """``macvtapdp run`` with the node's directories and any further ``options``."""
         argv = [*macvtapdp(), "run", f"--plugin-dir={self.plugin_dir}", f"--run-dir={self.run_dir}"]
-        self.proc = Proc(self.ns, argv, env=self.env)
+        self.proc = Proc(self.ns, [*argv, *options], env=self.env)
         return self.proc
 
     @property
