@@ -90,30 +90,6 @@ RunDir = Annotated[
 ]
 
 
-@app.command("render-config")
-def render_config(
-    output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
-    ] = None,
-    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
-    config_file: ConfigFile = None,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
-) -> None:
-    """Validate the configuration and print the supervisord config for it."""
-    from macvtapdp.launch import write_atomically
-    from macvtapdp.supervisord import render
-
-    try:
-        conf = config.load(file=config_file)
-        text = render(conf, plugin_dir=plugin_dir, layout=Layout(run_dir))
-    except PermanentError as err:
-        fail(err)
-    if output is None:
-        sys.stdout.write(text)
-    else:
-        write_atomically(output, text)
-
-
 DiscoverInclude = Annotated[
     list[str] | None,
     typer.Option(
@@ -151,6 +127,36 @@ DiscoverGrace = Annotated[
         "so a link deleted and created again keeps its process and kubelet stream.",
     ),
 ]
+
+
+@app.command("render-config")
+def render_config(
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
+    config_file: ConfigFile = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    discover_include: DiscoverInclude = None,
+    discover_exclude: DiscoverExclude = None,
+    discover_kinds: DiscoverKinds = None,
+    discover_grace: DiscoverGrace = discovery.DEFAULT_GRACE,
+) -> None:
+    """Validate the configuration and print the supervisord config `run` would write."""
+    from macvtapdp import entry
+
+    raise typer.Exit(
+        entry.render_config(
+            output=output,
+            plugin_dir=plugin_dir,
+            config_file=config_file,
+            run_dir=run_dir,
+            discover_include=discover_include,
+            discover_exclude=discover_exclude,
+            discover_kinds=discover_kinds,
+            discover_grace=discover_grace,
+        )
+    )
 
 
 @app.command()

@@ -140,6 +140,25 @@ def discovery_settings(
     return filters, seconds
 
 
+def _launch_args(
+    plugin_dir: str | None,
+    config_file: str | None,
+    run_dir: str | None,
+    discover: tuple[Sequence[str] | None, Sequence[str] | None, Sequence[str] | None],
+    discover_grace: float | str | None,
+    env: Mapping[str, str],
+) -> tuple[str, str | None, str, discovery.Filters, float]:
+    """``run``'s settings, options first, then environment, then defaults."""
+    filters, grace = discovery_settings(*discover, discover_grace, env)
+    return (
+        _env(plugin_dir, "MACVTAPDP_PLUGIN_DIR", env) or naming.DEFAULT_PLUGIN_DIR,
+        _env(config_file, config.ENV_FILE_VAR, env),
+        _env(run_dir, "MACVTAPDP_RUN_DIR", env) or DEFAULT_RUN_DIR,
+        filters,
+        grace,
+    )
+
+
 def run(
     *,
     plugin_dir: str | None = None,
@@ -154,19 +173,40 @@ def run(
     """``macvtapdp run``: becomes supervisord; returns only on bad configuration."""
     from macvtapdp.launch import launch
 
+    discover = (discover_include, discover_exclude, discover_kinds)
     try:
-        filters, grace = discovery_settings(
-            discover_include, discover_exclude, discover_kinds, discover_grace, env
-        )
-        launch(
-            _env(plugin_dir, "MACVTAPDP_PLUGIN_DIR", env) or naming.DEFAULT_PLUGIN_DIR,
-            _env(config_file, config.ENV_FILE_VAR, env),
-            _env(run_dir, "MACVTAPDP_RUN_DIR", env) or DEFAULT_RUN_DIR,
-            filters,
-            grace,
-        )
+        launch(*_launch_args(plugin_dir, config_file, run_dir, discover, discover_grace, env))
     except PermanentError as err:
         return report(err)
+
+
+def render_config(
+    *,
+    output: str | None = None,
+    plugin_dir: str | None = None,
+    config_file: str | None = None,
+    run_dir: str | None = None,
+    discover_include: Sequence[str] | None = None,
+    discover_exclude: Sequence[str] | None = None,
+    discover_kinds: Sequence[str] | None = None,
+    discover_grace: float | str | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> int:
+    """``macvtapdp render-config``: the config ``run`` would write, to ``output`` or stdout."""
+    from macvtapdp.launch import plan, write_atomically
+
+    discover = (discover_include, discover_exclude, discover_kinds)
+    try:
+        text = plan(
+            *_launch_args(plugin_dir, config_file, run_dir, discover, discover_grace, env)
+        ).text
+    except PermanentError as err:
+        return report(err)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomically(output, text)
+    return 0
 
 
 def reconcile(

@@ -1,7 +1,8 @@
 """``macvtapdp run``: validate, render supervisord's config, exec supervisord.
 
-After the exec supervisord is the container's PID 1: it gets the pod's SIGTERM
-and stops every resource. Nothing half-made on bad configuration: every
+After the exec supervisord (``macvtapdp.supervise``: stock supervisord 4.3,
+made prompt) is the container's PID 1: it gets the pod's SIGTERM and stops
+every resource. Nothing half-made on bad configuration: every
 problem is reported and nothing is written or started.
 
 Two shapes. With ``DP_MACVTAP_CONF`` (the Go plugin's way) the resources are
@@ -14,25 +15,21 @@ are written into ``programs.d`` now, so they start at once, and a
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
 from macvtapdp import config, discovery, programs
 from macvtapdp.programs import write_atomically
 from macvtapdp.supervisord import Layout, render, self_command
 
-__all__ = ["launch", "reconcile_argv", "supervisord_argv", "write_atomically"]
+__all__ = ["Plan", "launch", "plan", "reconcile_argv", "supervisord_argv", "write_atomically"]
 
 
 def supervisord_argv() -> list[str]:
-    """supervisord from this installation (beside our interpreter), else from PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), "supervisord")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("supervisord")
-    return [found] if found else [sys.executable, "-m", "supervisor.supervisord"]
+    """supervisord, through the shim that removes its one-second ticks."""
+    return [sys.executable, "-m", "macvtapdp.supervise"]
 
 
 def reconcile_argv(
@@ -59,14 +56,26 @@ def _discover(filters: discovery.Filters, plugin_dir: str) -> list[config.Resour
         return []
 
 
-def launch(
+@dataclass(frozen=True)
+class Plan:
+    """What ``run`` writes: the main config, the resources, and where they come from."""
+
+    layout: Layout
+    text: str
+    resources: list[config.Resource]
+    dynamic: bool
+    summary: str
+    base: list[str]
+
+
+def plan(
     plugin_dir: str,
     config_file: str | None,
     run_dir: str,
     filters: discovery.Filters | None = None,
     grace: float = discovery.DEFAULT_GRACE,
-) -> NoReturn:
-    """Validate and render (raising ConfigError/RenderError), then become supervisord."""
+) -> Plan:
+    """Validate and render without writing anything (raises ConfigError/RenderError)."""
     filters = filters or discovery.Filters()
     layout = Layout(run_dir)
     if config_file is not None:
@@ -91,10 +100,6 @@ def launch(
     else:
         text = render(conf, plugin_dir=plugin_dir, layout=layout, base=base)
         resources = list(conf.resources)
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    if dynamic:
-        programs.write(layout, resources, plugin_dir, base)
-    write_atomically(layout.conf, text)
     names = ", ".join(r.name for r in resources) or "(none)"
     if conf.discovery:
         what = f"discovery mode ({filters.describe()}): {len(resources)} links offered: {names}"
@@ -105,8 +110,24 @@ def launch(
         (True, False): "; the reconcile program follows links",
         (False, True): "; the reconcile program follows the file",
     }.get((conf.discovery, config_file is not None), "")
+    return Plan(layout, text, resources, dynamic, what + follows, base)
+
+
+def launch(
+    plugin_dir: str,
+    config_file: str | None,
+    run_dir: str,
+    filters: discovery.Filters | None = None,
+    grace: float = discovery.DEFAULT_GRACE,
+) -> NoReturn:
+    """Validate and render (raising ConfigError/RenderError), then become supervisord."""
+    p = plan(plugin_dir, config_file, run_dir, filters, grace)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    if p.dynamic:
+        programs.write(p.layout, p.resources, plugin_dir, p.base)
+    write_atomically(p.layout.conf, p.text)
     print(
-        f"macvtapdp: {what}{follows}; starting supervisord with {layout.conf}",
+        f"macvtapdp: {p.summary}; starting supervisord with {p.layout.conf}",
         file=sys.stderr,
         flush=True,
     )
@@ -114,4 +135,4 @@ def launch(
     os.environ["MACVTAPDP_RUN_DIR"] = run_dir
     os.environ["MACVTAPDP_PLUGIN_DIR"] = plugin_dir
     argv = supervisord_argv()
-    os.execv(argv[0], [*argv, "--nodaemon", "--configuration", layout.conf])
+    os.execv(argv[0], [*argv, "--nodaemon", "--configuration", p.layout.conf])

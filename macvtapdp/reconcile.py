@@ -49,9 +49,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from supervisor.xmlrpc import SupervisorTransport
-
-from macvtapdp import config, discovery, programs
+from macvtapdp import config, control, discovery, programs
 from macvtapdp.config import Resource
 from macvtapdp.dirwatch import FILE_CHANGES, DirWatch
 from macvtapdp.errors import ConfigError, RenderError
@@ -70,14 +68,6 @@ RETRY_MAX = 10.0
 BAD_NAME, ALREADY_ADDED = 10, 90
 
 Connect = Callable[[], contextlib.AbstractContextManager[Any]]
-
-
-@contextlib.contextmanager
-def supervisor(layout: Layout) -> Iterator[Any]:
-    """supervisord's XML-RPC ``supervisor`` namespace; the connection is closed afterwards."""
-    transport = SupervisorTransport(None, None, layout.server_url)
-    with xmlrpc.client.ServerProxy("http://localhost", transport=transport) as proxy:
-        yield proxy.supervisor
 
 
 class Stopped(BaseException):
@@ -193,7 +183,7 @@ class Reconciler:
         self.config_file = config_file
         self.filters = filters or discovery.Filters()
         self.grace = grace
-        self._connect = connect or (lambda: supervisor(layout))
+        self._connect = connect or (lambda: control.connect(layout.server_url))
         self._links = links
         self._facts_of = facts_of
         self._clock = clock

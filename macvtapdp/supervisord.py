@@ -187,7 +187,8 @@ def render(
                 ("events", "PROCESS_STATE_FATAL,PROCESS_STATE_RUNNING"),
                 ("autorestart", "true"),
                 ("buffer_size", 100),
-                *_logs_to_container("stderr"),  # stdout is the event protocol
+                ("stdout_logfile", "NONE"),  # the event protocol: keep no log file of it
+                *_logs_to_container("stderr"),
             ],
         ),
     ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -72,15 +73,18 @@ def serve(stdin: IO[str], stdout: IO[str], watchdog: Watchdog) -> None:
 
 def main() -> int:
     """Entry point of ``macvtapdp watchdog`` under supervisord."""
-    from supervisor import childutils
+    from macvtapdp import control
 
+    # supervisord stops us with SIGTERM while we wait for an event: exit cleanly
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s [watchdog] %(message)s"
     )
 
     def start(name: str) -> None:
         try:
-            childutils.getRPCInterface(os.environ).supervisor.startProcess(name, False)
+            with control.connect(os.environ["SUPERVISOR_SERVER_URL"]) as supervisor:
+                supervisor.startProcess(name, False)
             log.info("started %s again", name)
         except Exception as err:  # the program may be running again already
             log.warning("could not start %s: %s", name, err)

@@ -10,6 +10,7 @@ survive (platform-facts B4).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from tests.netns import NetNS
 
@@ -176,7 +178,14 @@ class Node:
         ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
-    def processes(self) -> dict[str, dict[str, object]]:
+    def supervisor(self) -> contextlib.AbstractContextManager[Any]:
+        """supervisord's XML-RPC ``supervisor`` namespace (a context manager)."""
+        from macvtapdp import control
+        from macvtapdp.supervisord import Layout
+
+        return control.connect(Layout(self.run_dir).server_url)
+
+    def processes(self) -> dict[str, dict[str, Any]]:
         """supervisord's view: program name -> getProcessInfo dict."""
         from macvtapdp import control
         from macvtapdp.supervisord import Layout

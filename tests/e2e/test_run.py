@@ -16,13 +16,11 @@ import signal
 import subprocess
 import threading
 import time
-import xmlrpc.client
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from supervisor.xmlrpc import SupervisorTransport
 
 from tests.harness import RESOURCE_DOMAIN, Node, macvtapdp, rmtree, short_tempdir, until
 from tests.kubelet import HEALTHY, UNHEALTHY, FakeKubelet, ResourceState
@@ -70,24 +68,6 @@ def registered_again(name: str, before: ResourceState) -> Callable[[ResourceStat
     return lambda s: s.register_count > before.register_count and healthy(s)
 
 
-@contextlib.contextmanager
-def supervisor(node: Node) -> Iterator[Any]:
-    """supervisord's XML-RPC ``supervisor`` namespace, its connection closed afterwards.
-
-    (``node.processes()`` goes through ``macvtapdp.control.processes``, which never closes
-    its connection: the socket's ResourceWarning fails tests under ``filterwarnings=error``.)
-    """
-    transport = SupervisorTransport(None, None, f"unix://{node.run_dir}/supervisor.sock")
-    with xmlrpc.client.ServerProxy("http://localhost", transport=transport) as proxy:
-        yield proxy.supervisor
-
-
-def programs(node: Node) -> dict[str, dict[str, Any]]:
-    """supervisord's view: program name -> ``getProcessInfo`` dict."""
-    with supervisor(node) as rpc:
-        return {str(info["name"]): info for info in rpc.getAllProcessInfo()}
-
-
 def mentioning(*needles: str) -> dict[int, str]:
     """Processes (pid -> command line) whose command line or environment names a needle."""
     found: dict[int, str] = {}
@@ -128,7 +108,6 @@ class E2E:
     ns: NetNS
     node: Node
     started: bool = False
-    watchdog_logs: set[str] = field(default_factory=set)
 
     @property
     def kubelet(self) -> FakeKubelet:
@@ -173,11 +152,12 @@ class E2E:
 
         def all_running() -> bool:
             nonlocal seen
-            seen = programs(self.node)
+            seen = self.node.processes()
             return all(info["statename"] == "RUNNING" for info in seen.values())
 
         assert until(all_running, timeout, 0.05), f"not all RUNNING: {seen}"
-        self.watchdog_logs.add(str(seen[WATCHDOG]["stdout_logfile"]))
+        # the listener's stdout is its protocol with supervisord: no log file of it
+        assert seen[WATCHDOG]["stdout_logfile"] == ""
         return seen
 
     def pids(self) -> dict[str, int]:
@@ -212,18 +192,11 @@ def e2e(netns: NetNS) -> Iterator[E2E]:
     try:
         yield setup
     finally:
-        if setup.started:
-            with contextlib.suppress(Exception):  # supervisord may be gone already
-                setup.watchdog_logs.add(str(programs(setup.node)[WATCHDOG]["stdout_logfile"]))
         code = setup.node.stop()
         leaked = mentioning(*dirs)
         for pid in leaked:  # ours: do not let a failure disturb the next tests
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for log in setup.watchdog_logs:  # supervisord's AUTO stdout log of the listener, in /tmp
-            if os.path.basename(log).startswith(f"{WATCHDOG}-stdout---supervisor-"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(log)
         output = setup.node.output.text() if setup.started else ""
         assert not leaked, f"processes left behind: {leaked}"
         assert "Traceback" not in output, output
@@ -323,7 +296,7 @@ class CrashLoop(threading.Thread):
 
     def _loop(self) -> None:
         deadline = time.monotonic() + self.timeout
-        with supervisor(self.node) as rpc:
+        with self.node.supervisor() as rpc:
             while time.monotonic() < deadline:
                 info = rpc.getProcessInfo(self.program)
                 state, pid = str(info["statename"]), int(info["pid"])
