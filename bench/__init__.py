@@ -1,0 +1,1 @@
+"""Benchmark of macvtapdp against the targets in DESIGN.md (run ``bench/benchmark.py``)."""
