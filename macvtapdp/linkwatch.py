@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 _OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 _RETRY_DELAY = 0.5  # after an unexpected socket error, before subscribing again
 _STOP_TIMEOUT = 2.0  # only reached if on_change blocks
+_UNFILTERED = object()
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class LinkWatcher:
         self._state = LinkState(present=False)
         self._thread: threading.Thread | None = None
         self._wake: int | None = None  # write end of the self-pipe that stops the thread
+        self._filtered: int | object | None = _UNFILTERED  # the index the kernel filter passes
 
     @property
     def state(self) -> LinkState:
@@ -88,6 +90,7 @@ class LinkWatcher:
             undo.callback(os.close, stop_fd)
             undo.callback(os.close, wake_fd)
             self._report(LinkState.of(rtnl.link(name=self.name)), initial=True)
+            self._filter(monitor, rtnl)
             undo.pop_all()
         self._wake = wake_fd
         self._thread = threading.Thread(
@@ -115,6 +118,7 @@ class LinkWatcher:
                 try:
                     if monitor is None:
                         monitor = LinkMonitor()
+                        self._filtered = _UNFILTERED
                     self._follow(monitor, rtnl, stop_fd)
                     return
                 except Exception as err:
@@ -138,6 +142,7 @@ class LinkWatcher:
     def _follow(self, monitor: LinkMonitor, rtnl: Rtnl, stop_fd: int) -> None:
         """Re-read the state (events before the subscription are not queued), then follow."""
         self._report(LinkState.of(rtnl.link(name=self.name)))
+        self._filter(monitor, rtnl)
         while True:
             ready = select.select([monitor.fileno(), stop_fd], [], [])[0]
             if stop_fd in ready:
@@ -147,9 +152,22 @@ class LinkWatcher:
             except EventsLost:
                 log.warning("link events were dropped: re-reading link %s", self.name)
                 self._report(LinkState.of(rtnl.link(name=self.name)))
+                self._filter(monitor, rtnl)
                 continue
             for kind, link in events:
                 self._report(self._next(kind, link))
+            self._filter(monitor, rtnl)
+
+    def _filter(self, monitor: LinkMonitor, rtnl: Rtnl) -> None:
+        """Have the kernel pass only our link's events; re-read after each change of index.
+
+        Until the filter names a new index, only events carrying our name pass:
+        re-reading the link catches anything (a rename) missed in between.
+        """
+        while self._filtered != self._state.index:
+            self._filtered = self._state.index
+            monitor.only(self.name, self._state.index)
+            self._report(LinkState.of(rtnl.link(name=self.name)))
 
     def _next(self, kind: int, link: Link) -> LinkState:
         """The state after one event; links are followed by name, across new ifindexes."""

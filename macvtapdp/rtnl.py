@@ -10,6 +10,7 @@ Message layout follows ``<linux/netlink.h>``, ``<linux/rtnetlink.h>`` and
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -369,6 +370,30 @@ class LinkMonitor(_Socket):
             self._sock.close()
             raise
 
+    def only(self, name: str, index: int | None) -> None:
+        """Let the kernel pass only events of link ``index`` or of a link named ``name``.
+
+        Every macvtap an Allocate makes, in any resource, is a burst of link
+        events; without a filter each resource's watcher would wake up and parse
+        all of them. A classic BPF socket filter drops them in the kernel. It
+        reads the ifinfomsg's index and the first attribute, which the kernel
+        always makes IFLA_IFNAME (rtnl_fill_ifinfo). Called again when the
+        followed link's index changes; a link created with the name passes by
+        name before that.
+        """
+        attr = name.encode() + b"\0"
+        attr += bytes(-len(attr) % 4)  # nla_put zeroes the padding
+        program = _BpfProgram()
+        if index is not None:
+            program.load_word(_IFI_INDEX)
+            program.accept_if(struct.pack("=i", index))
+        program.load_word(_FIRST_NLA)  # nla_len, nla_type
+        program.reject_unless(struct.pack("=HH", 4 + len(name) + 1, IFLA_IFNAME))
+        for offset in range(0, len(attr), 4):
+            program.load_word(_FIRST_NLA + 4 + offset)
+            program.reject_unless(attr[offset : offset + 4])
+        program.attach(self._sock)
+
     def read(self) -> list[tuple[int, Link]]:
         """Every queued (RTM_NEWLINK | RTM_DELLINK, Link) event, without blocking.
 
@@ -393,3 +418,55 @@ class LinkMonitor(_Socket):
         if lost:
             raise EventsLost()
         return events
+
+
+# Offsets in a link event: nlmsghdr (16 bytes), then ifinfomsg (16: index at 4),
+# then the attributes. Classic BPF loads are big-endian, so constants are the
+# message's bytes read big-endian; a load past the end rejects the message.
+_IFI_INDEX = 16 + 4
+_FIRST_NLA = 16 + 16
+_SO_ATTACH_FILTER = 26
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+class _BpfProgram:
+    """A straight-line classic BPF filter: loads, and compares that accept or reject."""
+
+    _LD_W, _JEQ, _RET = 0x20, 0x15, 0x06
+    _ACCEPT, _REJECT = "accept", "reject"
+
+    def __init__(self) -> None:
+        self._insns: list[tuple[int, int | str, int | str, int]] = []
+
+    def load_word(self, offset: int) -> None:
+        self._insns.append((self._LD_W, 0, 0, offset))
+
+    def accept_if(self, value: bytes) -> None:
+        self._insns.append((self._JEQ, self._ACCEPT, 0, int.from_bytes(value, "big")))
+
+    def reject_unless(self, value: bytes) -> None:
+        self._insns.append((self._JEQ, 0, self._REJECT, int.from_bytes(value, "big")))
+
+    def attach(self, sock: socket.socket) -> None:
+        end = len(self._insns)  # then: RET accept (end), RET reject (end + 1)
+        target = {self._ACCEPT: end, self._REJECT: end + 1}
+        code = [
+            _SockFilter(op, *(target[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf)), k)
+            for i, (op, jt, jf, k) in enumerate(self._insns)
+        ]
+        code += [_SockFilter(self._RET, 0, 0, 0xFFFFFFFF), _SockFilter(self._RET, 0, 0, 0)]
+        array = (_SockFilter * len(code))(*code)
+        prog = _SockFprog(len(code), ctypes.cast(array, ctypes.POINTER(_SockFilter)))
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(prog))

@@ -129,8 +129,10 @@ def test_resyncs_after_dropped_events(
     netns: NetNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     netns.veth("lw0")
-    flood = tmp_path / "flood"  # enough events to overflow the watcher's socket buffer
-    flood.write_text("link set lw0p down\nlink set lw0p up\n" * 3000)
+    # enough events of the followed link itself (the kernel filter drops the
+    # others) to overflow the watcher's socket buffer
+    flood = tmp_path / "flood"
+    flood.write_text("link set lw0 down\nlink set lw0 up\n" * 3000)
     recorder = Recorder()
     watcher = _start(netns, recorder)
     try:

@@ -6,6 +6,7 @@ import errno
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -219,3 +220,24 @@ def test_monitor_raises_events_lost_on_overrun(netns: NetNS) -> None:
             monitor.read()
         assert monitor.read() == []  # the queue was drained: resync, then follow
     assert lost.value.errno == errno.ENOBUFS
+
+
+def test_monitor_only_passes_the_followed_link(netns: NetNS) -> None:
+    """The kernel filter: our index, or our name (a link created again), nothing else."""
+    netns.veth("lw0")
+    netns.veth("other")
+    with netns.entered(), Rtnl() as rtnl, LinkMonitor() as monitor, LinkMonitor() as by_name:
+        first = rtnl.link(name="lw0")
+        assert first is not None
+        monitor.only("lw0", first.index)
+        by_name.only("later0", None)
+        netns.ip("link", "set", "other", "down")
+        netns.ip("link", "set", "lw0", "down")
+        netns.ip("link", "del", "lw0")
+        netns.veth("lw0")
+        netns.ip("link", "add", "later0", "type", "veth", "peer", "name", "later0p")
+        netns.ip("link", "set", "lw0x", "up", check=False)  # no such link: no event
+        time.sleep(0.2)
+        seen = {(kind, link.name) for kind, link in monitor.read()}
+        assert seen == {(RTM_NEWLINK, "lw0"), (RTM_DELLINK, "lw0")}
+        assert {link.name for _, link in by_name.read()} == {"later0"}
