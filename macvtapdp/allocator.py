@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 
 from macvtapdp import macvtap, naming
@@ -40,6 +41,7 @@ class Allocator:
         with self._lock:
             try:
                 for dev_id in device_ids:
+                    started = time.perf_counter()
                     ifname = naming.interface_name(dev_id)
                     try:
                         tap, created = macvtap.ensure(self.rtnl, ifname, res.master, res.mode)
@@ -53,11 +55,12 @@ class Allocator:
                         made.append(tap)
                     paths.append(tap.path)
                     log.info(
-                        "allocated %s: %s %s (%s)",
+                        "allocated %s: %s %s (%s in %.2f ms)",
                         dev_id,
                         ifname,
                         tap.path,
                         "created" if created else "reused",
+                        (time.perf_counter() - started) * 1000,
                     )
             except BaseException:
                 self._roll_back(made)

@@ -40,17 +40,40 @@ def ensure(
 ) -> tuple[Tap, bool]:
     """The tap of macvtap ``ifname`` on ``lower`` in ``mode``, and whether it was created now.
 
-    Raises LinkMissingError if ``lower`` does not exist, NetlinkError if the
-    kernel refuses the macvtap, AllocationError if its device node cannot be
-    made right (a macvtap created by this call is then deleted again).
+    Creates first and looks only if the name is taken: a fresh device is the
+    common case, and a lookup is a tenth of a create. Raises LinkMissingError
+    if ``lower`` does not exist, NetlinkError if the kernel refuses the macvtap,
+    AllocationError if its device node cannot be made right (a macvtap created
+    by this call is then deleted again).
     """
-    try:
-        return _ensure(rtnl, ifname, lower, mode, dev_dir)
-    except NetlinkError as err:
-        if err.errno != errno.EEXIST:
-            raise
-        log.info("%s appeared while it was being created; checking it again", ifname)
-        return _ensure(rtnl, ifname, lower, mode, dev_dir)
+    low = rtnl.link(name=lower)
+    if low is None:
+        raise LinkMissingError(f"lower link {lower} does not exist")
+    for attempt in range(3):
+        try:
+            return _created(rtnl, ifname, low, mode, dev_dir), True
+        except NetlinkError as err:
+            if err.errno != errno.EEXIST:
+                raise
+        link = rtnl.link(name=ifname)
+        if link is not None and _is_wanted(link, low, mode):
+            if not link.admin_up:
+                rtnl.set_up(link.index)
+            return _tap(link, dev_dir), False
+        if link is not None:
+            log.warning(
+                "replacing %s (kind %s, lower index %s, mode %s): want a %s macvtap on %s",
+                ifname,
+                link.kind,
+                link.lower_index,
+                link.macvlan_mode,
+                mode.value,
+                lower,
+            )
+            _delete(rtnl, link)
+        elif attempt:
+            log.info("%s came and went while it was being created; trying again", ifname)
+    raise NetlinkError(errno.EEXIST, f"create macvtap {ifname}", "its name stays taken")
 
 
 def remove(rtnl: Rtnl, ifname: str) -> bool:
@@ -61,34 +84,16 @@ def remove(rtnl: Rtnl, ifname: str) -> bool:
     return _delete(rtnl, link)
 
 
-def _ensure(rtnl: Rtnl, ifname: str, lower: str, mode: Mode, dev_dir: str) -> tuple[Tap, bool]:
-    low = rtnl.link(name=lower)
-    if low is None:
-        raise LinkMissingError(f"lower link {lower} does not exist")
-    link = rtnl.link(name=ifname)
-    if link is not None and _is_wanted(link, low, mode):
-        if not link.admin_up:
-            rtnl.set_up(link.index)
-        return _tap(link, dev_dir), False
-    if link is not None:
-        log.warning(
-            "replacing %s (kind %s, lower index %s, mode %s): want a %s macvtap on %s",
-            ifname,
-            link.kind,
-            link.lower_index,
-            link.macvlan_mode,
-            mode.value,
-            lower,
-        )
-        _delete(rtnl, link)
+def _created(rtnl: Rtnl, ifname: str, low: Link, mode: Mode, dev_dir: str) -> Tap:
+    """Create the macvtap (EEXIST if the name is taken) and return its checked tap."""
     try:
         link = rtnl.add_macvtap(ifname, low.index, mode.value, txqlen=low.txqlen)
     except NetlinkError as err:
         if err.errno == errno.ENODEV:
-            raise LinkMissingError(f"lower link {lower} disappeared: {err}") from err
+            raise LinkMissingError(f"lower link {low.name} disappeared: {err}") from err
         raise
     try:
-        return _tap(link, dev_dir), True
+        return _tap(link, dev_dir)
     except BaseException:
         _delete(rtnl, link)
         raise
