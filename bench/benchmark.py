@@ -128,6 +128,12 @@ SPECS: dict[str, Spec] = {
     "allocate_p50": Spec("Allocate p50 (new macvtap)", "allocate", 1.5, "1.0 ms", "p50"),
     "allocate_p90": Spec("Allocate p90 (new macvtap)", "allocate", None, "", "p90"),
     "allocate_p99": Spec("Allocate p99 (new macvtap)", "allocate", 5.0, "5.4 ms", "p99"),
+    "allocate_plugin_p50": Spec(
+        "  inside the plugin p50 (its log line)", "allocate_plugin", None, "", "p50"
+    ),
+    "allocate_plugin_p99": Spec(
+        "  inside the plugin p99 (its log line)", "allocate_plugin", None, "", "p99"
+    ),
     "allocate_reuse_p50": Spec("Allocate p50 (same ID again)", "allocate_reuse", None, "", "p50"),
     "allocate_reuse_p99": Spec("Allocate p99 (same ID again)", "allocate_reuse", None, "", "p99"),
     "rpc_floor_p50": Spec(
@@ -492,6 +498,7 @@ def measure_allocate(rig: Rig, res: Results, count: int) -> None:
     window = min(ALLOC_WINDOW, rig.capacity)
     made = dict.fromkeys(rig.names, 0)
     last = dict.fromkeys(rig.names, "")
+    logged = len(rig.node.output.lines)
     for n in range(count):
         name = rig.names[n % len(rig.names)]
         if made[name] % window == 0 and made[name]:
@@ -499,6 +506,9 @@ def measure_allocate(rig: Rig, res: Results, count: int) -> None:
         last[name] = f"{name}Mvp{made[name] % rig.capacity}"
         res.add("allocate", timed_allocate(rig, name, last[name]))
         made[name] += 1
+    for line in rig.node.output.lines[logged:]:  # "allocated X: ... (created in 0.71 ms)"
+        if found := re.search(r"\(created in ([0-9.]+) ms\)", line):
+            res.add("allocate_plugin", float(found.group(1)))
     for n in range(max(count // 3, len(rig.names)) if res.params.full else 0):
         name = rig.names[n % len(rig.names)]
         if last[name]:

@@ -17,7 +17,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from macvtapdp.rtnl import IF_OPER_UNKNOWN, RTM_NEWLINK, EventsLost, Link, LinkMonitor, Rtnl
+from macvtapdp.rtnl import (
+    IF_OPER_UNKNOWN,
+    RTM_NEWLINK,
+    STATE_FLAGS,
+    EventsLost,
+    Link,
+    LinkMonitor,
+    Rtnl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +37,25 @@ _UNFILTERED = object()
 
 @dataclass(frozen=True)
 class LinkState:
-    """What the devices' health depends on; ``operstate`` only feeds describe()."""
+    """What the devices' health depends on; ``operstate`` only feeds describe().
+
+    ``flags`` are the link's state flags (rtnl.STATE_FLAGS): the kernel filter
+    passes only events that change them (or delete or rename the link).
+    """
 
     present: bool
     index: int | None = None
     admin_up: bool = False
     oper_ok: bool = False
     operstate: int = IF_OPER_UNKNOWN
+    flags: int = 0
 
     @classmethod
     def of(cls, link: Link | None) -> LinkState:
         if link is None:
             return cls(present=False)
-        return cls(True, link.index, link.admin_up, link.oper_ok, link.operstate)
+        flags = link.flags & STATE_FLAGS
+        return cls(True, link.index, link.admin_up, link.oper_ok, link.operstate, flags)
 
     @property
     def healthy(self) -> bool:
@@ -73,7 +87,7 @@ class LinkWatcher:
         self._state = LinkState(present=False)
         self._thread: threading.Thread | None = None
         self._wake: int | None = None  # write end of the self-pipe that stops the thread
-        self._filtered: int | object | None = _UNFILTERED  # the index the kernel filter passes
+        self._filtered: object = _UNFILTERED  # (index, flags) the kernel filter is set for
 
     @property
     def state(self) -> LinkState:
@@ -159,14 +173,15 @@ class LinkWatcher:
             self._filter(monitor, rtnl)
 
     def _filter(self, monitor: LinkMonitor, rtnl: Rtnl) -> None:
-        """Have the kernel pass only our link's events; re-read after each change of index.
+        """Have the kernel pass only events that change our link; re-read after each change.
 
-        Until the filter names a new index, only events carrying our name pass:
-        re-reading the link catches anything (a rename) missed in between.
+        Until the filter is set for the new index and flags, an event it drops
+        (a rename of a new index, flags back to the old value) can be missed:
+        re-reading the link catches it.
         """
-        while self._filtered != self._state.index:
-            self._filtered = self._state.index
-            monitor.only(self.name, self._state.index)
+        while self._filtered != (self._state.index, self._state.flags):
+            self._filtered = (self._state.index, self._state.flags)
+            monitor.only(self.name, self._state.index, self._state.flags)
             self._report(LinkState.of(rtnl.link(name=self.name)))
 
     def _next(self, kind: int, link: Link) -> LinkState:

@@ -44,6 +44,9 @@ IFLA_MACVLAN_MODE = 1
 MACVLAN_MODE = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8}
 # <linux/if.h>: interface flags and RFC 2863 operational states
 IFF_UP, IFF_LOOPBACK = 0x1, 0x8
+# What link health is read from: IFF_RUNNING is exactly operstate UP or UNKNOWN
+IFF_RUNNING, IFF_LOWER_UP, IFF_DORMANT = 0x40, 0x10000, 0x20000
+STATE_FLAGS = IFF_UP | IFF_RUNNING | IFF_LOWER_UP | IFF_DORMANT
 IF_OPER_UNKNOWN, IF_OPER_NOTPRESENT, IF_OPER_DOWN, IF_OPER_LOWERLAYERDOWN = 0, 1, 2, 3
 IF_OPER_TESTING, IF_OPER_DORMANT, IF_OPER_UP = 4, 5, 6
 # <linux/if_arp.h>
@@ -370,29 +373,45 @@ class LinkMonitor(_Socket):
             self._sock.close()
             raise
 
-    def only(self, name: str, index: int | None) -> None:
+    def only(self, name: str, index: int | None, flags: int | None = None) -> None:
         """Let the kernel pass only events of link ``index`` or of a link named ``name``.
 
         Every macvtap an Allocate makes, in any resource, is a burst of link
-        events; without a filter each resource's watcher would wake up and parse
-        all of them. A classic BPF socket filter drops them in the kernel. It
-        reads the ifinfomsg's index and the first attribute, which the kernel
-        always makes IFLA_IFNAME (rtnl_fill_ifinfo). Called again when the
-        followed link's index changes; a link created with the name passes by
-        name before that.
+        events, and one event of its lower link; without a filter each
+        resource's watcher would wake up and parse them all. A classic BPF
+        socket filter drops them in the kernel. It reads the ifinfomsg's index
+        and flags and the first attribute, which the kernel always makes
+        IFLA_IFNAME (rtnl_fill_ifinfo). With ``flags``, events of ``index`` pass
+        only if they delete or rename it or change its ``STATE_FLAGS``. Called
+        again when the followed link changes; a link created with the name
+        passes by name before that.
         """
-        attr = name.encode() + b"\0"
-        attr += bytes(-len(attr) % 4)  # nla_put zeroes the padding
-        program = _BpfProgram()
+        raw = name.encode()
+        attr = raw + bytes(4 - len(raw) % 4)  # NUL-terminated; nla_put zeroes the padding
+        head = struct.pack("=HH", 4 + len(raw) + 1, IFLA_IFNAME)
+        words = [head] + [attr[i : i + 4] for i in range(0, len(attr), 4)]
+        p = _BpfProgram()
         if index is not None:
-            program.load_word(_IFI_INDEX)
-            program.accept_if(struct.pack("=i", index))
-        program.load_word(_FIRST_NLA)  # nla_len, nla_type
-        program.reject_unless(struct.pack("=HH", 4 + len(name) + 1, IFLA_IFNAME))
-        for offset in range(0, len(attr), 4):
-            program.load_word(_FIRST_NLA + 4 + offset)
-            program.reject_unless(attr[offset : offset + 4])
-        program.attach(self._sock)
+            p.load(_IFI_INDEX)
+            p.jump_unless(struct.pack("=i", index), "by name")
+            if flags is None:
+                p.jump("accept")
+            p.load(_NLMSG_TYPE)
+            p.mask(b"\xff\xff\0\0")
+            p.jump_if(struct.pack("=HH", RTM_DELLINK, 0), "accept")
+            p.load(_IFI_FLAGS)
+            p.mask(struct.pack("=I", STATE_FLAGS))
+            p.jump_unless(struct.pack("=I", (flags or 0) & STATE_FLAGS), "accept")
+            for offset, word in enumerate(words):  # the same name: nothing changed
+                p.load(_FIRST_NLA + 4 * offset)
+                p.jump_unless(word, "accept")
+            p.jump("reject")
+        p.label("by name")
+        for offset, word in enumerate(words):
+            p.load(_FIRST_NLA + 4 * offset)
+            p.jump_unless(word, "reject")
+        p.jump("accept")
+        p.attach(self._sock)
 
     def read(self) -> list[tuple[int, Link]]:
         """Every queued (RTM_NEWLINK | RTM_DELLINK, Link) event, without blocking.
@@ -423,7 +442,9 @@ class LinkMonitor(_Socket):
 # Offsets in a link event: nlmsghdr (16 bytes), then ifinfomsg (16: index at 4),
 # then the attributes. Classic BPF loads are big-endian, so constants are the
 # message's bytes read big-endian; a load past the end rejects the message.
+_NLMSG_TYPE = 4
 _IFI_INDEX = 16 + 4
+_IFI_FLAGS = 16 + 8
 _FIRST_NLA = 16 + 16
 _SO_ATTACH_FILTER = 26
 
@@ -442,31 +463,49 @@ class _SockFprog(ctypes.Structure):
 
 
 class _BpfProgram:
-    """A straight-line classic BPF filter: loads, and compares that accept or reject."""
+    """A classic BPF filter built from loads, masks and jumps to labels.
 
-    _LD_W, _JEQ, _RET = 0x20, 0x15, 0x06
-    _ACCEPT, _REJECT = "accept", "reject"
+    Every program ends with the labels ``accept`` (the whole message) and
+    ``reject``; ``jump_if``/``jump_unless`` compare the accumulator with a
+    constant given as the message's bytes at the loaded offset.
+    """
+
+    _LD_W_ABS, _AND_K, _JA, _JEQ_K, _RET_K = 0x20, 0x54, 0x05, 0x15, 0x06
 
     def __init__(self) -> None:
-        self._insns: list[tuple[int, int | str, int | str, int]] = []
+        self._insns: list[tuple[int, str | None, str | None, int]] = []
+        self._labels: dict[str, int] = {}
 
-    def load_word(self, offset: int) -> None:
-        self._insns.append((self._LD_W, 0, 0, offset))
+    def load(self, offset: int) -> None:
+        self._insns.append((self._LD_W_ABS, None, None, offset))
 
-    def accept_if(self, value: bytes) -> None:
-        self._insns.append((self._JEQ, self._ACCEPT, 0, int.from_bytes(value, "big")))
+    def mask(self, value: bytes) -> None:
+        self._insns.append((self._AND_K, None, None, int.from_bytes(value, "big")))
 
-    def reject_unless(self, value: bytes) -> None:
-        self._insns.append((self._JEQ, 0, self._REJECT, int.from_bytes(value, "big")))
+    def jump_if(self, value: bytes, label: str) -> None:
+        self._insns.append((self._JEQ_K, label, None, int.from_bytes(value, "big")))
+
+    def jump_unless(self, value: bytes, label: str) -> None:
+        self._insns.append((self._JEQ_K, None, label, int.from_bytes(value, "big")))
+
+    def jump(self, label: str) -> None:
+        self._insns.append((self._JA, label, None, 0))
+
+    def label(self, name: str) -> None:
+        self._labels[name] = len(self._insns)
 
     def attach(self, sock: socket.socket) -> None:
-        end = len(self._insns)  # then: RET accept (end), RET reject (end + 1)
-        target = {self._ACCEPT: end, self._REJECT: end + 1}
-        code = [
-            _SockFilter(op, *(target[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf)), k)
-            for i, (op, jt, jf, k) in enumerate(self._insns)
-        ]
-        code += [_SockFilter(self._RET, 0, 0, 0xFFFFFFFF), _SockFilter(self._RET, 0, 0, 0)]
+        self.label("accept")
+        self._insns.append((self._RET_K, None, None, 0xFFFFFFFF))
+        self.label("reject")
+        self._insns.append((self._RET_K, None, None, 0))
+        code = []
+        for i, (op, jt, jf, k) in enumerate(self._insns):
+            skip = {name: self._labels[name] - i - 1 for name in (jt, jf) if name is not None}
+            if op == self._JA:  # an unconditional jump takes its offset in k
+                code.append(_SockFilter(op, 0, 0, skip[str(jt)]))
+            else:
+                code.append(_SockFilter(op, skip.get(str(jt), 0), skip.get(str(jf), 0), k))
         array = (_SockFilter * len(code))(*code)
         prog = _SockFprog(len(code), ctypes.cast(array, ctypes.POINTER(_SockFilter)))
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(prog))

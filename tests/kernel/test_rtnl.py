@@ -241,3 +241,24 @@ def test_monitor_only_passes_the_followed_link(netns: NetNS) -> None:
         seen = {(kind, link.name) for kind, link in monitor.read()}
         assert seen == {(RTM_NEWLINK, "lw0"), (RTM_DELLINK, "lw0")}
         assert {link.name for _, link in by_name.read()} == {"later0"}
+
+
+def test_monitor_only_drops_events_that_change_nothing(netns: NetNS) -> None:
+    """With the link's flags: a macvtap made on it (an event, same flags) is dropped;
+    going down, a rename and the deletion pass."""
+    netns.veth("lw0")
+    with netns.entered(), Rtnl() as rtnl, LinkMonitor() as monitor:
+        lower = rtnl.link(name="lw0")
+        assert lower is not None
+        monitor.only("lw0", lower.index, lower.flags)
+        rtnl.add_macvtap("mvt0", lower.index, "bridge")
+        time.sleep(0.2)
+        assert monitor.read() == []
+        netns.ip("link", "set", "lw0", "down")
+        netns.ip("link", "set", "lw0", "name", "lw1")
+        netns.ip("link", "del", "lw1")
+        time.sleep(0.2)
+        seen = [(kind, link.name, link.admin_up) for kind, link in monitor.read()]
+    assert (RTM_NEWLINK, "lw0", False) in seen
+    assert (RTM_NEWLINK, "lw1", False) in seen
+    assert seen[-1][:2] == (RTM_DELLINK, "lw1")
