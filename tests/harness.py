@@ -129,6 +129,25 @@ def serve_argv(name: str, plugin_dir: str, *options: str) -> list[str]:
     return [*macvtapdp(), "serve", name, f"--plugin-dir={plugin_dir}", *options]
 
 
+def processes_mentioning(*needles: str) -> dict[int, str]:
+    """Processes (pid -> command line) whose command line or environment names a needle."""
+    found: dict[int, str] = {}
+    wanted = [n.encode() for n in needles]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read()
+        except OSError:  # gone meanwhile
+            continue
+        if any(n in cmdline or n in environ for n in wanted):
+            found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
 def rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 

@@ -28,7 +28,14 @@ from typing import Any
 import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
-from tests.harness import RESOURCE_DOMAIN, Node, macvtapdp, short_tempdir, until
+from tests.harness import (
+    RESOURCE_DOMAIN,
+    Node,
+    macvtapdp,
+    processes_mentioning,
+    short_tempdir,
+    until,
+)
 from tests.kubelet import HEALTHY, UNHEALTHY, FakeKubelet, ResourceState
 from tests.netns import NetNS
 
@@ -127,22 +134,6 @@ class Setup:
         assert not {"register", "disconnected", "stream-ended", "superseded"} & set(kinds), kinds
 
 
-def own_processes(*needles: str) -> list[int]:
-    """Processes whose command line names one of ``needles`` (our temporary dirs)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read()
-        except OSError:
-            continue
-        if any(n.encode() in cmdline for n in needles):
-            found.append(int(entry))
-    return found
-
-
 @pytest.fixture
 def setup(netns: NetNS) -> Iterator[Setup]:
     s = Setup(netns, Node(netns))
@@ -151,7 +142,7 @@ def setup(netns: NetNS) -> Iterator[Setup]:
         yield s
     finally:
         code = s.node.stop()
-        leaked = own_processes(*dirs)
+        leaked = list(processes_mentioning(*dirs))
         for pid in leaked:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,15 @@ from typing import Any
 
 import pytest
 
-from tests.harness import RESOURCE_DOMAIN, Node, macvtapdp, rmtree, short_tempdir, until
+from tests.harness import (
+    RESOURCE_DOMAIN,
+    Node,
+    macvtapdp,
+    processes_mentioning,
+    rmtree,
+    short_tempdir,
+    until,
+)
 from tests.kubelet import HEALTHY, UNHEALTHY, FakeKubelet, ResourceState
 from tests.netns import NetNS
 
@@ -66,25 +74,6 @@ def registered_again(name: str, before: ResourceState) -> Callable[[ResourceStat
     """A new registration since ``before``, with every device Healthy."""
     healthy = all_healthy(name)
     return lambda s: s.register_count > before.register_count and healthy(s)
-
-
-def mentioning(*needles: str) -> dict[int, str]:
-    """Processes (pid -> command line) whose command line or environment names a needle."""
-    found: dict[int, str] = {}
-    wanted = [n.encode() for n in needles]
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read()
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                environ = fh.read()
-        except OSError:  # gone meanwhile
-            continue
-        if any(n in cmdline or n in environ for n in wanted):
-            found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
-    return found
 
 
 def table(stdout: str) -> dict[str, dict[str, str]]:
@@ -193,7 +182,7 @@ def e2e(netns: NetNS) -> Iterator[E2E]:
         yield setup
     finally:
         code = setup.node.stop()
-        leaked = mentioning(*dirs)
+        leaked = processes_mentioning(*dirs)
         for pid in leaked:  # ours: do not let a failure disturb the next tests
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -416,7 +405,7 @@ def test_sigterm_stops_everything_and_removes_every_socket(e2e: E2E) -> None:
     assert os.listdir(plugin_dir) == ["kubelet.sock"]
     assert not os.path.exists(os.path.join(run_dir, "supervisor.sock"))
     assert not os.listdir(os.path.join(run_dir, "state"))  # every serve removed its state file
-    assert mentioning(plugin_dir, run_dir) == {}
+    assert processes_mentioning(plugin_dir, run_dir) == {}
     for name in NAMES:
         e2e.wait(name, lambda s: not s.connected and s.allocatable == 0 and s.capacity == CAPACITY)
         assert e2e.node.output.wait_for(rf"\[{name}\] stopped; socket removed", 0)
@@ -474,7 +463,7 @@ def test_invalid_configuration_exits_2_and_starts_nothing(
             assert line.startswith(f"macvtapdp: error: {problem}"), done.stderr
         assert "Traceback" not in done.stderr
         assert not os.path.exists(run_dir)  # no supervisord.conf, so no supervisord
-        assert mentioning(plugin_dir, run_dir) == {}
+        assert processes_mentioning(plugin_dir, run_dir) == {}
     finally:
         rmtree(plugin_dir)
         rmtree(os.path.dirname(run_dir))

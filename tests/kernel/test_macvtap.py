@@ -8,7 +8,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,6 @@ from tests.netns import NetNS
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def _delete_macvtaps_first(netns: NetNS) -> Iterator[None]:
-    """Delete macvtaps before the namespace goes: `ip netns del` destroys its links
-    asynchronously, and meanwhile the next test's /dev/tapN of the same ifindex is
-    not made (the old node is still there) and then removed with the old device."""
-    yield
-    for link in netns.macvtaps():
-        netns.ip("link", "del", link["ifname"], check=False)
 
 
 def _shown(ns: NetNS, name: str) -> dict[str, object]:

@@ -7,7 +7,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,16 +26,6 @@ from macvtapdp.rtnl import (
 from tests.netns import NetNS
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(autouse=True)
-def _delete_macvtaps_first(netns: NetNS) -> Iterator[None]:
-    """Delete macvtaps before the namespace goes: `ip netns del` destroys its links
-    asynchronously, and meanwhile the next test's /dev/tapN of the same ifindex is
-    not made (the old node is still there) and then removed with the old device."""
-    yield
-    for link in netns.macvtaps():
-        netns.ip("link", "del", link["ifname"], check=False)
 
 
 def _index(ns: NetNS, name: str) -> int:

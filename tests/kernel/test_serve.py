@@ -226,10 +226,9 @@ def test_sigterm_ends_the_stream_and_removes_the_socket(setup: Setup) -> None:
     started = time.monotonic()
     proc.popen.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 5.0  # "within seconds"; the benchmark measures it
     assert setup.own_sockets() == []
-    state = setup.kubelet.state(RESOURCE)
-    assert not state.connected and state.allocatable == 0
+    setup.wait(lambda s: not s.connected and s.allocatable == 0 and s.capacity == CAPACITY)
 
 
 def test_passthru_takes_the_whole_link(setup: Setup) -> None:
