@@ -45,42 +45,6 @@ def fail(err: PermanentError) -> NoReturn:
     raise typer.Exit(report(err))
 
 
-@app.command()
-def serve(
-    name: Annotated[str, typer.Argument(help="The resource: macvtap.network.kubevirt.io/NAME.")],
-    master: Annotated[
-        str | None,
-        typer.Option(help="Lower link; with it, the resource is given by these options."),
-    ] = None,
-    mode: Annotated[config.Mode, typer.Option(help="macvtap mode (with --master).")] = (
-        config.Mode.BRIDGE
-    ),
-    capacity: Annotated[
-        int | None, typer.Option(help="Devices offered (with --master; default 100).")
-    ] = None,
-    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
-    config_file: ConfigFile = None,
-    run_dir: Annotated[
-        str | None,
-        typer.Option(envvar="MACVTAPDP_RUN_DIR", help="Report state here for `status`."),
-    ] = None,
-) -> None:
-    """Serve one resource to the kubelet (supervisord runs one per resource)."""
-    from macvtapdp import entry
-
-    raise typer.Exit(
-        entry.serve(
-            name,
-            master=master,
-            mode=mode.value,
-            capacity=capacity,
-            plugin_dir=plugin_dir,
-            config_file=config_file,
-            run_dir=run_dir,
-        )
-    )
-
-
 RunDir = Annotated[
     str,
     typer.Option(
@@ -127,36 +91,6 @@ DiscoverGrace = Annotated[
         "so a link deleted and created again keeps its process and kubelet stream.",
     ),
 ]
-
-
-@app.command("render-config")
-def render_config(
-    output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
-    ] = None,
-    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
-    config_file: ConfigFile = None,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
-    discover_include: DiscoverInclude = None,
-    discover_exclude: DiscoverExclude = None,
-    discover_kinds: DiscoverKinds = None,
-    discover_grace: DiscoverGrace = discovery.DEFAULT_GRACE,
-) -> None:
-    """Validate the configuration and print the supervisord config `run` would write."""
-    from macvtapdp import entry
-
-    raise typer.Exit(
-        entry.render_config(
-            output=output,
-            plugin_dir=plugin_dir,
-            config_file=config_file,
-            run_dir=run_dir,
-            discover_include=discover_include,
-            discover_exclude=discover_exclude,
-            discover_kinds=discover_kinds,
-            discover_grace=discover_grace,
-        )
-    )
 
 
 @app.command()
@@ -217,6 +151,36 @@ def reconcile(
     )
 
 
+@app.command("render-config")
+def render_config(
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
+    config_file: ConfigFile = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    discover_include: DiscoverInclude = None,
+    discover_exclude: DiscoverExclude = None,
+    discover_kinds: DiscoverKinds = None,
+    discover_grace: DiscoverGrace = discovery.DEFAULT_GRACE,
+) -> None:
+    """Validate the configuration and print the supervisord config `run` would write."""
+    from macvtapdp import entry
+
+    raise typer.Exit(
+        entry.render_config(
+            output=output,
+            plugin_dir=plugin_dir,
+            config_file=config_file,
+            run_dir=run_dir,
+            discover_include=discover_include,
+            discover_exclude=discover_exclude,
+            discover_kinds=discover_kinds,
+            discover_grace=discover_grace,
+        )
+    )
+
+
 @app.command()
 def status(
     plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
@@ -246,6 +210,42 @@ def status(
     rows = st.rows(infos, layout, plugin_dir)
     print(st.table(rows))
     raise typer.Exit(st.EXIT_OK if all(r.ok for r in rows) else st.EXIT_DOWN)
+
+
+@app.command()
+def serve(
+    name: Annotated[str, typer.Argument(help="The resource: macvtap.network.kubevirt.io/NAME.")],
+    master: Annotated[
+        str | None,
+        typer.Option(help="Lower link; with it, the resource is given by these options."),
+    ] = None,
+    mode: Annotated[config.Mode, typer.Option(help="macvtap mode (with --master).")] = (
+        config.Mode.BRIDGE
+    ),
+    capacity: Annotated[
+        int | None, typer.Option(help="Devices offered (with --master; default 100).")
+    ] = None,
+    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
+    config_file: ConfigFile = None,
+    run_dir: Annotated[
+        str | None,
+        typer.Option(envvar="MACVTAPDP_RUN_DIR", help="Report state here for `status`."),
+    ] = None,
+) -> None:
+    """Serve one resource to the kubelet (supervisord runs one per resource)."""
+    from macvtapdp import entry
+
+    raise typer.Exit(
+        entry.serve(
+            name,
+            master=master,
+            mode=mode.value,
+            capacity=capacity,
+            plugin_dir=plugin_dir,
+            config_file=config_file,
+            run_dir=run_dir,
+        )
+    )
 
 
 @app.command(hidden=True)
