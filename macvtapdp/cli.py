@@ -13,7 +13,7 @@ import typer
 
 from macvtapdp import config, discovery, naming
 from macvtapdp.errors import PermanentError
-from macvtapdp.supervisord import DEFAULT_RUN_DIR, Layout
+from macvtapdp.supervisord import DEFAULT_RUN_DIR, RUN_DIR_VAR, Layout
 
 app = typer.Typer(
     help="Kubernetes device plugin that hands pods macvtap tap devices (/dev/tapN).",
@@ -25,7 +25,7 @@ app = typer.Typer(
 PluginDir = Annotated[
     str,
     typer.Option(
-        envvar="MACVTAPDP_PLUGIN_DIR",
+        envvar=naming.PLUGIN_DIR_VAR,
         help="The kubelet's device-plugin directory (kubelet.sock and plugin sockets).",
     ),
 ]
@@ -48,7 +48,7 @@ def fail(err: PermanentError) -> NoReturn:
 RunDir = Annotated[
     str,
     typer.Option(
-        envvar="MACVTAPDP_RUN_DIR",
+        envvar=RUN_DIR_VAR,
         help="Where supervisord's config, control socket and state files live.",
     ),
 ]
@@ -229,7 +229,7 @@ def serve(
     config_file: ConfigFile = None,
     run_dir: Annotated[
         str | None,
-        typer.Option(envvar="MACVTAPDP_RUN_DIR", help="Report state here for `status`."),
+        typer.Option(envvar=RUN_DIR_VAR, help="Report state here for `status`."),
     ] = None,
 ) -> None:
     """Serve one resource to the kubelet (supervisord runs one per resource)."""

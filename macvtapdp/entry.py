@@ -21,16 +21,16 @@ from collections.abc import Mapping, Sequence
 
 from macvtapdp import config, discovery, naming
 from macvtapdp.errors import ConfigError, PermanentError
-from macvtapdp.supervisord import DEFAULT_RUN_DIR
+from macvtapdp.supervisord import DEFAULT_RUN_DIR, RUN_DIR_VAR
 
 # Options of each command and the environment variable each falls back to
 SERVE_OPTIONS: dict[str, str | None] = {
     "--master": None,
     "--mode": None,
     "--capacity": None,
-    "--plugin-dir": "MACVTAPDP_PLUGIN_DIR",
+    "--plugin-dir": naming.PLUGIN_DIR_VAR,
     "--config-file": config.ENV_FILE_VAR,
-    "--run-dir": "MACVTAPDP_RUN_DIR",
+    "--run-dir": RUN_DIR_VAR,
 }
 DISCOVERY_OPTIONS: dict[str, str | None] = {
     "--discover-include": discovery.INCLUDE_VAR,
@@ -39,9 +39,9 @@ DISCOVERY_OPTIONS: dict[str, str | None] = {
     "--discover-grace": discovery.GRACE_VAR,
 }
 RUN_OPTIONS: dict[str, str | None] = {
-    "--plugin-dir": "MACVTAPDP_PLUGIN_DIR",
+    "--plugin-dir": naming.PLUGIN_DIR_VAR,
     "--config-file": config.ENV_FILE_VAR,
-    "--run-dir": "MACVTAPDP_RUN_DIR",
+    "--run-dir": RUN_DIR_VAR,
     **DISCOVERY_OPTIONS,
 }
 RECONCILE_OPTIONS: dict[str, str | None] = dict(RUN_OPTIONS)
@@ -95,9 +95,9 @@ def serve(
     env: Mapping[str, str] = os.environ,
 ) -> int:
     """``macvtapdp serve``: resolve the resource and serve it; the exit code."""
-    plugin_dir = _env(plugin_dir, "MACVTAPDP_PLUGIN_DIR", env) or naming.DEFAULT_PLUGIN_DIR
+    plugin_dir = _env(plugin_dir, naming.PLUGIN_DIR_VAR, env) or naming.DEFAULT_PLUGIN_DIR
     config_file = _env(config_file, config.ENV_FILE_VAR, env)
-    run_dir = _env(run_dir, "MACVTAPDP_RUN_DIR", env)
+    run_dir = _env(run_dir, RUN_DIR_VAR, env)
     try:
         resource = resolve(name, master, mode, capacity, config_file)
         # gRPC's C core logs at INFO (e.g. every GOAWAY) unless told otherwise
@@ -152,9 +152,9 @@ def _launch_args(
     """``run``'s settings, options first, then environment, then defaults."""
     filters, grace = discovery_settings(*discover, discover_grace, env)
     return (
-        _env(plugin_dir, "MACVTAPDP_PLUGIN_DIR", env) or naming.DEFAULT_PLUGIN_DIR,
+        _env(plugin_dir, naming.PLUGIN_DIR_VAR, env) or naming.DEFAULT_PLUGIN_DIR,
         _env(config_file, config.ENV_FILE_VAR, env),
-        _env(run_dir, "MACVTAPDP_RUN_DIR", env) or DEFAULT_RUN_DIR,
+        _env(run_dir, RUN_DIR_VAR, env) or DEFAULT_RUN_DIR,
         filters,
         grace,
     )
@@ -194,7 +194,8 @@ def render_config(
     env: Mapping[str, str] = os.environ,
 ) -> int:
     """``macvtapdp render-config``: the config ``run`` would write, to ``output`` or stdout."""
-    from macvtapdp.launch import plan, write_atomically
+    from macvtapdp.atomic import write_atomically
+    from macvtapdp.launch import plan
 
     discover = (discover_include, discover_exclude, discover_kinds)
     try:
@@ -225,14 +226,14 @@ def reconcile(
     from macvtapdp import reconcile as rec
     from macvtapdp.supervisord import self_command
 
+    discover = (discover_include, discover_exclude, discover_kinds)
     try:
-        filters, grace = discovery_settings(
-            discover_include, discover_exclude, discover_kinds, discover_grace, env
+        plugin, file, run, filters, grace = _launch_args(
+            plugin_dir, config_file, run_dir, discover, discover_grace, env
         )
-        file = _env(config_file, config.ENV_FILE_VAR, env)
         return rec.main(
-            plugin_dir=_env(plugin_dir, "MACVTAPDP_PLUGIN_DIR", env) or naming.DEFAULT_PLUGIN_DIR,
-            run_dir=_env(run_dir, "MACVTAPDP_RUN_DIR", env) or DEFAULT_RUN_DIR,
+            plugin_dir=plugin,
+            run_dir=run,
             config_file=os.path.abspath(file) if file else None,
             filters=filters,
             grace=grace,

@@ -20,11 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from macvtapdp import config, discovery, programs
-from macvtapdp.programs import write_atomically
-from macvtapdp.supervisord import Layout, render, self_command
-
-__all__ = ["Plan", "launch", "plan", "reconcile_argv", "supervisord_argv", "write_atomically"]
+from macvtapdp import config, discovery, naming, programs
+from macvtapdp.atomic import write_atomically
+from macvtapdp.supervisord import RUN_DIR_VAR, Layout, render, self_command
 
 
 def supervisord_argv() -> list[str]:
@@ -132,7 +130,7 @@ def launch(
         flush=True,
     )
     # children inherit these: serve writes its state file, status finds it
-    os.environ["MACVTAPDP_RUN_DIR"] = run_dir
-    os.environ["MACVTAPDP_PLUGIN_DIR"] = plugin_dir
+    os.environ[RUN_DIR_VAR] = run_dir
+    os.environ[naming.PLUGIN_DIR_VAR] = plugin_dir
     argv = supervisord_argv()
     os.execv(argv[0], [*argv, "--nodaemon", "--configuration", p.layout.conf])

@@ -23,6 +23,7 @@ import xxhash
 DOMAIN = "macvtap.network.kubevirt.io"
 KUBELET_SOCKET = "kubelet.sock"
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+PLUGIN_DIR_VAR = "MACVTAPDP_PLUGIN_DIR"
 # gRPC's unix listener needs the path and a NUL in sockaddr_un.sun_path[108].
 MAX_SOCKET_PATH = 107
 _TOKEN_HEX_DIGITS = 6

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from macvtapdp.atomic import write_atomically
 from macvtapdp.config import Mode, Resource
 from macvtapdp.supervisord import PROGRAM_PREFIX, Layout, program_name, render_program
 
@@ -29,17 +30,14 @@ SUFFIX = ".conf"
 HEADER = "; macvtapdp resource "
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new file, never half."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def file_name(name: str) -> str:
     """The program file of resource ``name``."""
     return program_name(name) + SUFFIX
+
+
+def _name(entry: str) -> str:
+    """The resource whose program file ``entry`` is (see ``_ours``)."""
+    return entry[len(PROGRAM_PREFIX) : -len(SUFFIX)]
 
 
 def text(resource: Resource, plugin_dir: str, base: Sequence[str]) -> str:
@@ -84,7 +82,7 @@ def current(layout: Layout) -> dict[str, Resource | None]:
     for entry in entries:
         if not _ours(entry):
             continue
-        name = entry[len(PROGRAM_PREFIX) : -len(SUFFIX)]
+        name = _name(entry)
         try:
             with open(os.path.join(layout.programs_dir, entry), encoding="utf-8") as fh:
                 content = fh.read()
@@ -133,12 +131,12 @@ def write(
         if old == content:
             continue
         write_atomically(path, content)
-        name = entry[len(PROGRAM_PREFIX) : -len(SUFFIX)]
+        name = _name(entry)
         (created if old is None else updated).append(name)
     for entry in sorted(os.listdir(layout.programs_dir)):
         if entry.startswith(PROGRAM_PREFIX) and entry not in wanted:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(layout.programs_dir, entry))
             if _ours(entry):
-                deleted.append(entry[len(PROGRAM_PREFIX) : -len(SUFFIX)])
+                deleted.append(_name(entry))
     return Written(tuple(created), tuple(updated), tuple(deleted))

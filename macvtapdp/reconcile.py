@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import select
 import signal
@@ -49,7 +48,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from macvtapdp import config, control, discovery, programs
+from macvtapdp import config, control, discovery, logs, programs
 from macvtapdp.config import Resource
 from macvtapdp.dirwatch import FILE_CHANGES, DirWatch
 from macvtapdp.errors import ConfigError, RenderError
@@ -367,8 +366,7 @@ class Reconciler:
             return min(now + DEBOUNCE, burst + DEBOUNCE_MAX)
 
         while not stop.requested:
-            deadlines = [d for d in (due, grace_at, retry_at, safety_at) if d is not None]
-            timeout = max(0.0, min(deadlines) - self._clock())
+            timeout = max(0.0, _earliest(due, grace_at, retry_at, safety_at) - self._clock())
             sources = [monitor.fileno(), stop.fileno(), *watches.filenos()]
             ready = select.select(sources, [], [], timeout)[0]
             if stop.requested:
@@ -387,8 +385,7 @@ class Reconciler:
                 file_event = True
                 due = soon(now)
             now = self._clock()
-            passes = [d for d in (due, grace_at, retry_at, safety_at) if d is not None]
-            if min(passes) > now:
+            if _earliest(due, grace_at, retry_at, safety_at) > now:
                 continue
             due = burst = retry_at = grace_at = None
             safety_at = now + SAFETY_INTERVAL
@@ -402,6 +399,11 @@ class Reconciler:
                 log.warning("pass failed (%s); trying again in %g s", err, retry_delay)
                 retry_at = now + retry_delay
                 retry_delay = min(retry_delay * 2, RETRY_MAX)
+
+
+def _earliest(*deadlines: float | None) -> float:
+    """The next pass is due at the earliest of the deadlines set (the safety one always is)."""
+    return min(d for d in deadlines if d is not None)
 
 
 class FileWatches:
@@ -500,13 +502,7 @@ def main(
     base: Sequence[str],
 ) -> int:
     """Entry point of the ``reconcile`` program; 0 on SIGTERM/SIGINT."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s [reconcile] %(message)s",
-        force=True,
-    )
-    if not math.isfinite(grace) or grace < 0:
-        raise ConfigError([f"--discover-grace: must be a number of seconds >= 0, got {grace}"])
+    logs.configure("reconcile")
     reconciler = Reconciler(
         Layout(run_dir), plugin_dir, base, config_file=config_file, filters=filters, grace=grace
     )

@@ -17,7 +17,7 @@ from types import FrameType
 
 import grpc
 
-from macvtapdp import naming
+from macvtapdp import logs, naming
 from macvtapdp.allocator import Allocator
 from macvtapdp.api.v1beta1 import api_pb2_grpc
 from macvtapdp.config import Resource
@@ -32,15 +32,6 @@ from macvtapdp.state import StateFile
 log = logging.getLogger("macvtapdp")
 
 
-def configure_logging(resource: str) -> None:
-    """One line per event, each naming the resource (supervisord interleaves them)."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s [{resource}] %(message)s",
-        force=True,
-    )
-
-
 def serve(resource: Resource, plugin_dir: str, state_path: str | None = None) -> int:
     """Serve ``resource`` until SIGTERM/SIGINT; return the exit code.
 
@@ -53,7 +44,7 @@ def serve(resource: Resource, plugin_dir: str, state_path: str | None = None) ->
             f"its socket path would exceed {naming.MAX_SOCKET_PATH} bytes "
             f"(at most {max(longest, 0)} characters here)"
         )
-    configure_logging(resource.name)
+    logs.configure(resource.name)
     os.umask(0o077)  # only root (the kubelet) may use our socket
     log.info(
         "serving %s: %d devices, macvtap mode %s on lower link %s, plugin directory %s",

@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any
 
+from macvtapdp.atomic import write_atomically
+
 
 class StateFile:
     """Keeps ``path`` up to date with the latest fields; a no-op without a path."""
@@ -30,10 +32,7 @@ class StateFile:
         with self._lock:
             self._fields.update(fields, updated=time.time())
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(self._fields, fh)
-            os.replace(tmp, self.path)
+            write_atomically(self.path, json.dumps(self._fields))
 
     def remove(self) -> None:
         if self.path is not None:

@@ -29,6 +29,7 @@ from macvtapdp.config import Config, Resource
 from macvtapdp.errors import RenderError
 
 DEFAULT_RUN_DIR = "/run/macvtapdp"
+RUN_DIR_VAR = "MACVTAPDP_RUN_DIR"
 PROGRAM_PREFIX = "resource-"
 WATCHDOG = "watchdog"
 STOP_WAIT_SECONDS = 5  # SIGTERM, then SIGKILL to the whole process group

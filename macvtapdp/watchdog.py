@@ -73,13 +73,11 @@ def serve(stdin: IO[str], stdout: IO[str], watchdog: Watchdog) -> None:
 
 def main() -> int:
     """Entry point of ``macvtapdp watchdog`` under supervisord."""
-    from macvtapdp import control
+    from macvtapdp import control, logs
 
     # supervisord stops us with SIGTERM while we wait for an event: exit cleanly
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s [watchdog] %(message)s"
-    )
+    logs.configure("watchdog")
 
     def start(name: str) -> None:
         try:
