@@ -48,14 +48,16 @@ from bench.rig import (  # noqa: E402
     LinkEvents,
     ProcMem,
     Rig,
-    all_healthy,
-    all_unhealthy,
     is_link,
     median,
     percentile,
 )
 from macvtapdp.rtnl import RTM_DELLINK, RTM_NEWLINK  # noqa: E402
-from tests.harness import RESOURCE_DOMAIN  # noqa: E402
+from tests.harness import (  # noqa: E402
+    RESOURCE_DOMAIN,
+    all_healthy,
+    all_unhealthy,
+)
 
 SCALING = [(1, 100), (3, 100), (10, 100), (1, 10), (1, 1000)]  # (resources, capacity)
 ALLOC_WINDOW = 20  # macvtaps per resource left in the netns while timing Allocate

@@ -19,16 +19,12 @@ import signal
 import subprocess
 import threading
 import time
-import xmlrpc.client
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
-
-from supervisor.xmlrpc import SupervisorTransport
+from typing import Any
 
 from macvtapdp.rtnl import EventsLost, Link, LinkMonitor, Rtnl
-from macvtapdp.supervisord import Layout
-from tests.harness import RESOURCE_DOMAIN, Node, rmtree, until
+from tests.harness import RESOURCE_DOMAIN, Node, all_healthy, resource, rmtree, until
 from tests.kubelet import FakeKubelet, ResourceState
 from tests.netns import NetNS
 
@@ -93,21 +89,6 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
-
-
-def all_healthy(capacity: int, since_count: int = -1) -> Predicate:
-    """Connected, registered more than ``since_count`` times, every device Healthy."""
-    return lambda s: (
-        s.connected
-        and s.register_count > since_count
-        and s.capacity == capacity
-        and s.allocatable == capacity
-    )
-
-
-def all_unhealthy(capacity: int) -> Predicate:
-    """Still connected (the stream must not break), every device Unhealthy."""
-    return lambda s: s.connected and s.capacity == capacity and s.allocatable == 0
 
 
 class LinkEvents:
@@ -218,9 +199,7 @@ class Rig:
 
     # -- names and waiting ------------------------------------------------------------------
 
-    @staticmethod
-    def resource(name: str) -> str:
-        return f"{RESOURCE_DOMAIN}/{name}"
+    resource = staticmethod(resource)
 
     def wait(self, name: str, predicate: Predicate, what: str, timeout: float) -> None:
         if not self.kubelet.wait_for(self.resource(name), predicate, timeout):
@@ -290,14 +269,8 @@ class Rig:
         return [f for f in os.listdir(self.node.plugin_dir) if f.startswith(f"{RESOURCE_DOMAIN}_")]
 
     def programs(self) -> dict[str, dict[str, Any]]:
-        """supervisord's view: program name -> ``getProcessInfo``.
-
-        Not ``Node.processes()``: ``macvtapdp.control.processes`` leaves its connection open.
-        """
-        transport = SupervisorTransport(None, None, Layout(self.node.run_dir).server_url)
-        with xmlrpc.client.ServerProxy("http://localhost", transport=transport) as proxy:
-            infos = cast(list[dict[str, Any]], proxy.supervisor.getAllProcessInfo())
-        return {str(info["name"]): info for info in infos}
+        """supervisord's view: program name -> ``getProcessInfo``."""
+        return self.node.processes()
 
     def program_pids(self) -> dict[str, int]:
         """supervisord's programs (``resource-<name>``, ``watchdog``) and their pids."""

@@ -21,11 +21,35 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.netns import NetNS
 
+if TYPE_CHECKING:
+    from tests.kubelet import ResourceState
+
 RESOURCE_DOMAIN = "macvtap.network.kubevirt.io"
+
+
+def resource(name: str) -> str:
+    """The extended resource of resource ``name``."""
+    return f"{RESOURCE_DOMAIN}/{name}"
+
+
+def all_healthy(capacity: int, registered_more_than: int = 0) -> Callable[[ResourceState], bool]:
+    """A kubelet stand-in predicate: connected, registered more than the count given,
+    every one of ``capacity`` devices Healthy."""
+    return lambda s: (
+        s.connected
+        and s.register_count > registered_more_than
+        and s.capacity == capacity
+        and s.allocatable == capacity
+    )
+
+
+def all_unhealthy(capacity: int) -> Callable[[ResourceState], bool]:
+    """Still connected (the stream must not break), every device Unhealthy."""
+    return lambda s: s.connected and s.capacity == capacity and s.allocatable == 0
 
 
 def macvtapdp() -> list[str]:
@@ -187,13 +211,14 @@ class Node:
             [script, "-c", conf, *args], capture_output=True, text=True, timeout=30
         )
 
-    def status(self) -> subprocess.CompletedProcess[str]:
-        """``macvtapdp status`` for this node."""
+    def status(self, *options: str) -> subprocess.CompletedProcess[str]:
+        """``macvtapdp status`` for this node, as a probe runs it."""
         argv = [
             *macvtapdp(),
             "status",
             f"--plugin-dir={self.plugin_dir}",
             f"--run-dir={self.run_dir}",
+            *options,
         ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
@@ -210,6 +235,18 @@ class Node:
         from macvtapdp.supervisord import Layout
 
         return {str(p["name"]): p for p in control.processes(Layout(self.run_dir))}
+
+    def running(self, timeout: float = 15.0) -> dict[str, dict[str, Any]]:
+        """Wait until supervisord has every program RUNNING; its view then."""
+        seen: dict[str, dict[str, Any]] = {}
+
+        def all_running() -> bool:
+            nonlocal seen
+            seen = self.processes()
+            return all(info["statename"] == "RUNNING" for info in seen.values())
+
+        assert until(all_running, timeout, 0.05), f"not all RUNNING: {seen}"
+        return seen
 
     def pid(self, program: str) -> int:
         return int(str(self.processes()[program]["pid"]))

@@ -20,19 +20,17 @@ import shutil
 import signal
 import subprocess
 import time
-import xmlrpc.client
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from supervisor.xmlrpc import SupervisorTransport
 
 from tests.harness import (
-    RESOURCE_DOMAIN,
     Node,
     macvtapdp,
     processes_mentioning,
+    resource,
     short_tempdir,
     until,
 )
@@ -47,21 +45,9 @@ DISCOVERED_CAPACITY = 100  # discovery offers the default capacity
 GRACE = 1.5  # --discover-grace in the discovery test (default 5 s)
 
 
-def resource(name: str) -> str:
-    return f"{RESOURCE_DOMAIN}/{name}"
-
-
 def healthy(name: str, capacity: int) -> Callable[[ResourceState], bool]:
     ids = sorted(f"{name}Mvp{i}" for i in range(capacity))
     return lambda s: s.connected and sorted(s.devices) == ids and s.allocatable == capacity
-
-
-@contextlib.contextmanager
-def supervisor(node: Node) -> Iterator[Any]:
-    """supervisord's XML-RPC namespace, its connection closed afterwards."""
-    transport = SupervisorTransport(None, None, f"unix://{node.run_dir}/supervisor.sock")
-    with xmlrpc.client.ServerProxy("http://localhost", transport=transport) as proxy:
-        yield proxy.supervisor
 
 
 @dataclass
@@ -69,7 +55,6 @@ class Setup:
     ns: NetNS
     node: Node
     started: bool = False
-    auto_logs: set[str] = field(default_factory=set)
 
     @property
     def kubelet(self) -> FakeKubelet:
@@ -80,28 +65,12 @@ class Setup:
         self.node.start(*options)
         self.started = True
 
-    def programs(self) -> dict[str, dict[str, Any]]:
-        with supervisor(self.node) as rpc:
-            infos = {str(i["name"]): i for i in rpc.getAllProcessInfo()}
-        for info in infos.values():  # supervisord's AUTO log of the event listener's stdout
-            if "supervisor-" in str(info.get("stdout_logfile", "")):
-                self.auto_logs.add(str(info["stdout_logfile"]))
-        return infos
-
     def resources(self) -> set[str]:
-        return {n for n in self.programs() if n.startswith("resource-")}
+        return {n for n in self.node.processes() if n.startswith("resource-")}
 
     def pids(self) -> dict[str, int]:
         """Program -> pid, once every program is RUNNING."""
-        seen: dict[str, dict[str, Any]] = {}
-
-        def all_running() -> bool:
-            nonlocal seen
-            seen = self.programs()
-            return all(i["statename"] == "RUNNING" for i in seen.values())
-
-        assert until(all_running, STEP_TIMEOUT, 0.05), f"not all RUNNING: {seen}"
-        return {n: int(i["pid"]) for n, i in seen.items()}
+        return {n: int(i["pid"]) for n, i in self.node.running(STEP_TIMEOUT).items()}
 
     def wait(
         self, name: str, check: Callable[[ResourceState], bool], timeout: float = STEP_TIMEOUT
@@ -146,9 +115,6 @@ def setup(netns: NetNS) -> Iterator[Setup]:
         for pid in leaked:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for path in s.auto_logs:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
         output = s.node.output.text() if s.started else ""
         assert not leaked, f"processes left behind: {leaked}"
         assert "Traceback" not in output, output

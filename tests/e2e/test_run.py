@@ -27,6 +27,7 @@ from tests.harness import (
     Node,
     macvtapdp,
     processes_mentioning,
+    resource,
     rmtree,
     short_tempdir,
     until,
@@ -43,10 +44,6 @@ CONF = json.dumps([{"name": n, "master": n, "capacity": CAPACITY} for n in NAMES
 WATCHDOG = "watchdog"
 SETTLE = 1.5  # supervisord's idle loop ticks once a second
 START_TIMEOUT = 20.0  # `run` to registered: ~2 s when idle (supervisord 4.3 waits 1 s itself)
-
-
-def resource(name: str) -> str:
-    return f"{RESOURCE_DOMAIN}/{name}"
 
 
 def program(name: str) -> str:
@@ -136,32 +133,14 @@ class E2E:
         raise AssertionError(f"{name}: no such snapshot after {after}")
 
     def running(self, timeout: float = 15.0) -> dict[str, dict[str, Any]]:
-        """Wait until supervisord has every program RUNNING; its view then."""
-        seen: dict[str, dict[str, Any]] = {}
-
-        def all_running() -> bool:
-            nonlocal seen
-            seen = self.node.processes()
-            return all(info["statename"] == "RUNNING" for info in seen.values())
-
-        assert until(all_running, timeout, 0.05), f"not all RUNNING: {seen}"
+        """Every program RUNNING (supervisord's view then)."""
+        seen = self.node.running(timeout)
         # the listener's stdout is its protocol with supervisord: no log file of it
         assert seen[WATCHDOG]["stdout_logfile"] == ""
         return seen
 
     def pids(self) -> dict[str, int]:
         return {n: int(info["pid"]) for n, info in self.running().items()}
-
-    def status(self, *options: str) -> subprocess.CompletedProcess[str]:
-        """``macvtapdp status`` as a probe runs it."""
-        argv = [
-            *macvtapdp(),
-            "status",
-            f"--plugin-dir={self.node.plugin_dir}",
-            f"--run-dir={self.node.run_dir}",
-            *options,
-        ]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
     def own_sockets(self, name: str) -> list[str]:
         prefix = f"{RESOURCE_DOMAIN}_{name}@"
@@ -309,14 +288,14 @@ def test_crash_loop_ends_fatal_and_the_watchdog_brings_it_back(e2e: E2E) -> None
     loop.start()
 
     assert until(lambda: "BACKOFF" in loop.states or not loop.is_alive(), 20, 0.01)
-    backoff = e2e.status()
+    backoff = e2e.node.status()
     assert backoff.returncode == 3, backoff
     assert table(backoff.stdout)[B]["PROCESS"] != "RUNNING", backoff.stdout
 
     loop.join(40)
     assert loop.error is None and loop.fatal_at is not None, (loop.error, loop.states)
     assert loop.states[-1] == "FATAL" and "BACKOFF" in loop.states, loop.states
-    fatal = e2e.status()
+    fatal = e2e.node.status()
     rows = table(fatal.stdout)
     assert fatal.returncode == 3, fatal
     assert rows[B]["PROCESS"] in ("FATAL", "STARTING"), fatal.stdout  # watchdog: after 5 s
@@ -338,7 +317,7 @@ def test_crash_loop_ends_fatal_and_the_watchdog_brings_it_back(e2e: E2E) -> None
         assert int(now[program(name)]["pid"]) == pids[program(name)]
         state = e2e.kubelet.state(resource(name))
         assert state.register_count == before[name].register_count and state.stopped_at is None
-    done = e2e.status()
+    done = e2e.node.status()
     assert done.returncode == 0, done
 
 
@@ -352,7 +331,7 @@ def test_supervisorctl_and_status_report_every_resource(e2e: E2E) -> None:
     assert sorted(line[0] for line in lines) == sorted([*map(program, NAMES), WATCHDOG])
     assert all(line[1] == "RUNNING" for line in lines), ctl.stdout
 
-    shown = e2e.status()
+    shown = e2e.node.status()
     assert shown.returncode == 0, shown
     rows = table(shown.stdout)
     assert sorted(rows) == sorted([*NAMES, f"({WATCHDOG})"]), shown.stdout
@@ -366,24 +345,24 @@ def test_supervisorctl_and_status_report_every_resource(e2e: E2E) -> None:
     assert rows[C]["DEVICES"] == f"0/{CAPACITY} healthy"
     assert rows[C]["LOWER LINK"] == "missing"
     assert rows[f"({WATCHDOG})"]["PROCESS"] == "RUNNING"
-    assert e2e.status("--alive").returncode == 0
+    assert e2e.node.status("--alive").returncode == 0
 
     before = e2e.kubelet.state(resource(A))
     stopped = e2e.node.supervisorctl("stop", program(A))
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped
     e2e.wait(A, lambda s: not s.connected and s.allocatable == 0 and s.capacity == CAPACITY)
-    down = e2e.status()
+    down = e2e.node.status()
     assert down.returncode == 3, down
     rows = table(down.stdout)
     assert rows[A]["PROCESS"] == "STOPPED" and rows[A]["SERVING"] == "no", down.stdout
     assert all(rows[n]["PROCESS"] == "RUNNING" for n in (B, C)), down.stdout
-    assert e2e.status("--alive").returncode == 0
+    assert e2e.node.status("--alive").returncode == 0
     assert e2e.node.supervisorctl("status").returncode == 3
 
     started = e2e.node.supervisorctl("start", program(A))
     assert started.returncode == 0 and "started" in started.stdout, started
     e2e.wait(A, registered_again(A, before))
-    up = e2e.status()
+    up = e2e.node.status()
     assert up.returncode == 0, up
     assert table(up.stdout)[A]["DEVICES"] == f"{CAPACITY}/{CAPACITY} healthy"
 
@@ -409,7 +388,7 @@ def test_sigterm_stops_everything_and_removes_every_socket(e2e: E2E) -> None:
     for name in NAMES:
         e2e.wait(name, lambda s: not s.connected and s.allocatable == 0 and s.capacity == CAPACITY)
         assert e2e.node.output.wait_for(rf"\[{name}\] stopped; socket removed", 0)
-    assert e2e.status("--alive").returncode == 4
+    assert e2e.node.status("--alive").returncode == 4
 
 
 @pytest.mark.parametrize(

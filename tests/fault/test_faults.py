@@ -19,18 +19,27 @@ import stat
 import subprocess
 import threading
 import time
-import xmlrpc.client
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
-from supervisor.xmlrpc import SupervisorTransport
 
 from macvtapdp.naming import interface_name
-from tests.harness import RESOURCE_DOMAIN, Node, Proc, rmtree, serve_argv, short_tempdir, until
+from tests.harness import (
+    RESOURCE_DOMAIN,
+    Node,
+    Proc,
+    all_healthy,
+    all_unhealthy,
+    resource,
+    rmtree,
+    serve_argv,
+    short_tempdir,
+    until,
+)
 from tests.kubelet import FakeKubelet, ResourceState
 from tests.netns import NetNS
 
@@ -41,23 +50,6 @@ BACK = 10.0  # "comes back": generous on a busy 2-core machine
 DISTURBANCES = ("register", "connected", "superseded", "disconnected", "stream-ended")
 
 Predicate = Callable[[ResourceState], bool]
-
-
-def resource(name: str) -> str:
-    return f"{RESOURCE_DOMAIN}/{name}"
-
-
-def all_healthy(capacity: int, registered_more_than: int = 0) -> Predicate:
-    return lambda s: (
-        s.connected
-        and s.register_count > registered_more_than
-        and s.capacity == capacity
-        and s.allocatable == capacity
-    )
-
-
-def all_unhealthy(capacity: int) -> Predicate:
-    return lambda s: s.connected and s.capacity == capacity and s.allocatable == 0
 
 
 def disturbances(kubelet: FakeKubelet, name: str, since: int) -> list[str]:
@@ -168,15 +160,7 @@ class Cluster:
         return self.kubelet.state(resource(name))
 
     def programs(self) -> dict[str, dict[str, Any]]:
-        """supervisord's view: program name -> ``getProcessInfo``.
-
-        Not ``Node.processes()``: ``macvtapdp.control.processes`` never closes its
-        connection, and the socket's ResourceWarning fails tests (filterwarnings=error).
-        """
-        transport = SupervisorTransport(None, None, f"unix://{self.node.run_dir}/supervisor.sock")
-        with xmlrpc.client.ServerProxy("http://localhost", transport=transport) as proxy:
-            infos = cast(list[dict[str, Any]], proxy.supervisor.getAllProcessInfo())
-        return {str(info["name"]): info for info in infos}
+        return self.node.processes()
 
     def wait_running(self, program: str, not_pid: int = 0) -> int:
         """Until supervisord has ``program`` RUNNING (past startsecs) as a pid but ``not_pid``."""

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
+from tests.harness import until
 from tests.kubelet import (
     CHECKPOINT,
     HEALTHY,
@@ -431,7 +432,7 @@ def test_newest_registration_wins(kubelet: FakeKubelet, plugins: Callable[..., T
     assert old.wait(lambda: old.streams_ended == 1)  # the old client was closed
     assert kubelet.wait_for(RESOURCE, connected_with(3), WAIT)
     # The old stream's late end was seen, and ignored: the new endpoint is untouched.
-    assert _wait_until(lambda: any(e.kind == "stream-ended" for e in kubelet.events))
+    assert until(lambda: any(e.kind == "stream-ended" for e in kubelet.events), WAIT)
     old.push({"a": UNHEALTHY})
     old.close()
     time.sleep(0.1)
@@ -486,7 +487,7 @@ def test_stop_interrupts_a_register_in_flight(
 
     thread = threading.Thread(target=attempt)
     thread.start()
-    assert _wait_until(lambda: bool(plugin.options_calls))
+    assert until(lambda: bool(plugin.options_calls), WAIT)
     start = time.monotonic()
     kubelet.stop()
     assert time.monotonic() - start < 2.0
@@ -533,13 +534,4 @@ def test_no_threads_left_after_stop(plugin_dir: str, plugins: Callable[..., Tiny
         first.close()
         second.close()
     assert not kubelet.running
-    assert _wait_until(lambda: set(threading.enumerate()) <= baseline), threading.enumerate()
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    assert until(lambda: set(threading.enumerate()) <= baseline, WAIT), threading.enumerate()

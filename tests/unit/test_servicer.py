@@ -6,8 +6,7 @@ import os
 import shutil
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
 from macvtapdp.config import Resource
 from macvtapdp.errors import AllocationError, LinkMissingError
 from macvtapdp.servicer import MAX_STREAMS, WORKERS, DevicePluginServicer, Health
+from tests.harness import until
 
 RESOURCE = Resource("eth0", "eth0", capacity=3)
 IDS = ["eth0Mvp0", "eth0Mvp1", "eth0Mvp2"]
@@ -68,15 +68,6 @@ def healths(response: api_pb2.ListAndWatchResponse) -> dict[str, str]:
     return {d.ID: d.health for d in response.devices}
 
 
-def until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_options_are_never_empty(served: Served) -> None:
     options = served.stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=5)
     assert not options.pre_start_required and not options.get_preferred_allocation_available
@@ -112,7 +103,7 @@ def test_cancelled_streams_release_their_worker(served: Served) -> None:
         stream = served.stub.ListAndWatch(api_pb2.Empty(), timeout=10)
         next(stream)
         stream.cancel()
-    assert until(lambda: served.servicer._streams == 0)
+    assert until(lambda: served.servicer._streams == 0, 5.0)
 
 
 def test_streams_are_capped_and_never_starve_allocate(served: Served) -> None:
