@@ -1,107 +1,126 @@
-"""The ``macvtapdp`` command line: it only wires the modules together.
+"""The ``macvtapdp`` command line (typer): ``run``, ``render-config`` and ``status``.
 
-Commands import what they need when they run, so ``render-config`` and ``run``
-never load grpc, and each ``serve`` process loads only the serving path.
+It only wires: options (each defined once, in ``settings``) become a
+``settings.Node``, and the node side does the rest. Every user mistake is one
+line, ``macvtapdp: error: ...``, and exit code 2, whether typer or the
+configuration found it. The programs supervisord starts have lean entries of
+their own (``python -m macvtapdp.plugin`` and ``macvtapdp.node.*``) that import
+neither typer nor this module.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer._click import exceptions as click_errors  # typer >= 0.26 vendors click
 
-from macvtapdp import config, discovery, naming
+from macvtapdp import naming, settings
 from macvtapdp.errors import PermanentError
-from macvtapdp.supervisord import DEFAULT_RUN_DIR, RUN_DIR_VAR, Layout
+from macvtapdp.settings import Setting
 
 app = typer.Typer(
     help="Kubernetes device plugin that hands pods macvtap tap devices (/dev/tapN).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-PluginDir = Annotated[
-    str,
+
+def _option(s: Setting) -> Any:
+    return typer.Option(s.flag, envvar=s.env, help=s.help, metavar=s.metavar)
+
+
+PluginDir = Annotated[str, _option(settings.PLUGIN_DIR)]
+RunDir = Annotated[str, _option(settings.RUN_DIR)]
+ConfigFile = Annotated[str | None, _option(settings.CONFIG_FILE)]
+DiscoverInclude = Annotated[list[str] | None, _option(settings.DISCOVER_INCLUDE)]
+DiscoverExclude = Annotated[list[str] | None, _option(settings.DISCOVER_EXCLUDE)]
+DiscoverKinds = Annotated[list[str] | None, _option(settings.DISCOVER_KINDS)]
+DiscoverGrace = Annotated[
+    float,
     typer.Option(
-        envvar=naming.PLUGIN_DIR_VAR,
-        help="The kubelet's device-plugin directory (kubelet.sock and plugin sockets).",
+        settings.DISCOVER_GRACE.flag,
+        envvar=settings.DISCOVER_GRACE.env,
+        help=settings.DISCOVER_GRACE.help,
+        metavar=settings.DISCOVER_GRACE.metavar,
+        min=0,
     ),
 ]
-ConfigFile = Annotated[
-    str | None,
+SweepGrace = Annotated[
+    float,
     typer.Option(
-        envvar=config.ENV_FILE_VAR,
-        help=f"Read the configuration from this file instead of ${config.ENV_VAR}.",
+        settings.SWEEP_GRACE.flag,
+        envvar=settings.SWEEP_GRACE.env,
+        help=settings.SWEEP_GRACE.help,
+        metavar=settings.SWEEP_GRACE.metavar,
+        min=0,
     ),
 ]
+PodResourcesSocket = Annotated[str, _option(settings.POD_RESOURCES_SOCKET)]
+NoTopology = Annotated[bool, _option(settings.NO_TOPOLOGY)]
+MetricsAddress = Annotated[str, _option(settings.METRICS_ADDRESS)]
+
+
+def _node(
+    *,
+    plugin_dir: str,
+    run_dir: str,
+    config_file: str | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    kinds: list[str] | None,
+    discover_grace: float,
+    sweep_grace: float,
+    pod_resources_socket: str,
+    no_topology: bool,
+    metrics_address: str,
+) -> settings.Node:
+    from macvtapdp.node import discovery
+
+    return settings.Node(
+        plugin=settings.Plugin(
+            plugin_dir=plugin_dir,
+            run_dir=run_dir,
+            pod_resources_socket=pod_resources_socket,
+            sweep_grace=sweep_grace,
+            topology=not no_topology,
+            metrics=bool(metrics_address),
+        ),
+        config_file=config_file or None,
+        discovery=settings.Discovery(
+            discover_include=discovery.split(include),
+            discover_exclude=discovery.split(exclude),
+            discover_kinds=discovery.split(kinds),
+            discover_grace=discover_grace,
+        ),
+        metrics_address=settings.check_address(metrics_address),
+    )
 
 
 def fail(err: PermanentError) -> NoReturn:
     """Print each problem on its own line and exit 2: no traceback for user mistakes."""
-    from macvtapdp.entry import report
-
-    raise typer.Exit(report(err))
-
-
-RunDir = Annotated[
-    str,
-    typer.Option(
-        envvar=RUN_DIR_VAR,
-        help="Where supervisord's config, control socket and state files live.",
-    ),
-]
-
-
-DiscoverInclude = Annotated[
-    list[str] | None,
-    typer.Option(
-        envvar=discovery.INCLUDE_VAR,
-        metavar="GLOB",
-        help="Discovery: offer only links whose name matches one of these globs "
-        "(repeat the option, or separate with commas).",
-    ),
-]
-DiscoverExclude = Annotated[
-    list[str] | None,
-    typer.Option(
-        envvar=discovery.EXCLUDE_VAR,
-        metavar="GLOB",
-        help="Discovery: never offer links whose name matches one of these globs.",
-    ),
-]
-DiscoverKinds = Annotated[
-    list[str] | None,
-    typer.Option(
-        envvar=discovery.KINDS_VAR,
-        metavar="KIND",
-        help="Discovery: also offer links of these kinds, besides physical NICs and bonds: "
-        "a link kind as `ip -d link` shows it (veth, bridge, vlan, team...) or usb, "
-        "thunderbolt, wireless, virtual (no kind, no device).",
-    ),
-]
-DiscoverGrace = Annotated[
-    float,
-    typer.Option(
-        envvar=discovery.GRACE_VAR,
-        metavar="SECONDS",
-        min=0,
-        help="Discovery: keep the resource of a link that disappeared this long, "
-        "so a link deleted and created again keeps its process and kubelet stream.",
-    ),
-]
+    for line in str(err).splitlines():
+        print(f"macvtapdp: error: {line}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 @app.command()
 def run(
     plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
+    run_dir: RunDir = settings.DEFAULT_RUN_DIR,
     config_file: ConfigFile = None,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
     discover_include: DiscoverInclude = None,
     discover_exclude: DiscoverExclude = None,
     discover_kinds: DiscoverKinds = None,
-    discover_grace: DiscoverGrace = discovery.DEFAULT_GRACE,
+    discover_grace: DiscoverGrace = settings.DEFAULT_DISCOVER_GRACE,
+    sweep_grace: SweepGrace = settings.DEFAULT_SWEEP_GRACE,
+    pod_resources_socket: PodResourcesSocket = settings.DEFAULT_POD_RESOURCES_SOCKET,
+    no_topology: NoTopology = False,
+    metrics_address: MetricsAddress = settings.DEFAULT_METRICS_ADDRESS,
 ) -> None:
     """Start everything: validate, render, and exec supervisord (the DaemonSet entrypoint).
 
@@ -110,45 +129,26 @@ def run(
     come and go. With --config-file, changes to the file are applied live:
     only the resources whose settings changed restart.
     """
-    from macvtapdp import entry
+    from macvtapdp.node.run import launch
 
-    raise typer.Exit(
-        entry.run(
-            plugin_dir=plugin_dir,
-            config_file=config_file,
-            run_dir=run_dir,
-            discover_include=discover_include,
-            discover_exclude=discover_exclude,
-            discover_kinds=discover_kinds,
-            discover_grace=discover_grace,
+    try:
+        launch(
+            _node(
+                plugin_dir=plugin_dir,
+                run_dir=run_dir,
+                config_file=config_file,
+                include=discover_include,
+                exclude=discover_exclude,
+                kinds=discover_kinds,
+                discover_grace=discover_grace,
+                sweep_grace=sweep_grace,
+                pod_resources_socket=pod_resources_socket,
+                no_topology=no_topology,
+                metrics_address=metrics_address,
+            )
         )
-    )
-
-
-@app.command(hidden=True)
-def reconcile(
-    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
-    config_file: ConfigFile = None,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
-    discover_include: DiscoverInclude = None,
-    discover_exclude: DiscoverExclude = None,
-    discover_kinds: DiscoverKinds = None,
-    discover_grace: DiscoverGrace = discovery.DEFAULT_GRACE,
-) -> None:
-    """supervisord's program: keep the resource programs equal to the links or the file."""
-    from macvtapdp import entry
-
-    raise typer.Exit(
-        entry.reconcile(
-            plugin_dir=plugin_dir,
-            config_file=config_file,
-            run_dir=run_dir,
-            discover_include=discover_include,
-            discover_exclude=discover_exclude,
-            discover_kinds=discover_kinds,
-            discover_grace=discover_grace,
-        )
-    )
+    except PermanentError as err:
+        fail(err)
 
 
 @app.command("render-config")
@@ -157,34 +157,50 @@ def render_config(
         str | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
     ] = None,
     plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
+    run_dir: RunDir = settings.DEFAULT_RUN_DIR,
     config_file: ConfigFile = None,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
     discover_include: DiscoverInclude = None,
     discover_exclude: DiscoverExclude = None,
     discover_kinds: DiscoverKinds = None,
-    discover_grace: DiscoverGrace = discovery.DEFAULT_GRACE,
+    discover_grace: DiscoverGrace = settings.DEFAULT_DISCOVER_GRACE,
+    sweep_grace: SweepGrace = settings.DEFAULT_SWEEP_GRACE,
+    pod_resources_socket: PodResourcesSocket = settings.DEFAULT_POD_RESOURCES_SOCKET,
+    no_topology: NoTopology = False,
+    metrics_address: MetricsAddress = settings.DEFAULT_METRICS_ADDRESS,
 ) -> None:
     """Validate the configuration and print the supervisord config `run` would write."""
-    from macvtapdp import entry
+    from macvtapdp import files
+    from macvtapdp.node.run import plan
 
-    raise typer.Exit(
-        entry.render_config(
-            output=output,
-            plugin_dir=plugin_dir,
-            config_file=config_file,
-            run_dir=run_dir,
-            discover_include=discover_include,
-            discover_exclude=discover_exclude,
-            discover_kinds=discover_kinds,
-            discover_grace=discover_grace,
-        )
-    )
+    try:
+        text = plan(
+            _node(
+                plugin_dir=plugin_dir,
+                run_dir=run_dir,
+                config_file=config_file,
+                include=discover_include,
+                exclude=discover_exclude,
+                kinds=discover_kinds,
+                discover_grace=discover_grace,
+                sweep_grace=sweep_grace,
+                pod_resources_socket=pod_resources_socket,
+                no_topology=no_topology,
+                metrics_address=metrics_address,
+            )
+        ).text
+        if output is None:
+            sys.stdout.write(text)
+        else:
+            files.write_atomically(output, text, mode=0o644)
+    except PermanentError as err:
+        fail(err)
+    except OSError as err:
+        fail(PermanentError(f"--output: cannot write {output}: {err.strerror}"))
 
 
 @app.command()
 def status(
-    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
-    run_dir: RunDir = DEFAULT_RUN_DIR,
+    run_dir: RunDir = settings.DEFAULT_RUN_DIR,
     alive: Annotated[
         bool,
         typer.Option(
@@ -194,63 +210,50 @@ def status(
         ),
     ] = False,
 ) -> None:
-    """Show each resource's process, registration and devices; exit 0 only if all serve."""
-    from macvtapdp import control
-    from macvtapdp import status as st
+    """Show each resource's process, registration and devices; exit 0 only if all serve.
+
+    Exit codes, as supervisorctl's: 0 all serving, 3 something is not, 4
+    supervisord does not answer.
+    """
+    from macvtapdp.errors import Unreachable
+    from macvtapdp.node import status as st
+    from macvtapdp.node.control import Supervisor
+    from macvtapdp.rundir import Layout
 
     layout = Layout(run_dir)
     try:
-        infos = control.processes(layout)
-    except control.Unreachable as err:
+        with Supervisor(layout.server_url) as supervisor:
+            infos = supervisor.processes()
+    except Unreachable as err:
         print(f"macvtapdp: error: {err}", file=sys.stderr)
-        raise typer.Exit(st.EXIT_UNREACHABLE) from None
+        raise SystemExit(st.EXIT_UNREACHABLE) from None
     if alive:
         print(f"supervisord answers: {len(infos)} programs")
-        raise typer.Exit(st.EXIT_OK)
-    rows = st.rows(infos, layout, plugin_dir)
+        raise SystemExit(st.EXIT_OK)
+    rows = st.rows(infos, layout)
     print(st.table(rows))
-    raise typer.Exit(st.EXIT_OK if all(r.ok for r in rows) else st.EXIT_DOWN)
+    raise SystemExit(st.EXIT_OK if all(r.ok for r in rows) else st.EXIT_DOWN)
 
 
-@app.command()
-def serve(
-    name: Annotated[str, typer.Argument(help="The resource: macvtap.network.kubevirt.io/NAME.")],
-    master: Annotated[
-        str | None,
-        typer.Option(help="Lower link; with it, the resource is given by these options."),
-    ] = None,
-    mode: Annotated[config.Mode, typer.Option(help="macvtap mode (with --master).")] = (
-        config.Mode.BRIDGE
-    ),
-    capacity: Annotated[
-        int | None, typer.Option(help="Devices offered (with --master; default 100).")
-    ] = None,
-    plugin_dir: PluginDir = naming.DEFAULT_PLUGIN_DIR,
-    config_file: ConfigFile = None,
-    run_dir: Annotated[
-        str | None,
-        typer.Option(envvar=RUN_DIR_VAR, help="Report state here for `status`."),
-    ] = None,
-) -> None:
-    """Serve one resource to the kubelet (supervisord runs one per resource)."""
-    from macvtapdp import entry
-
-    raise typer.Exit(
-        entry.serve(
-            name,
-            master=master,
-            mode=mode.value,
-            capacity=capacity,
-            plugin_dir=plugin_dir,
-            config_file=config_file,
-            run_dir=run_dir,
-        )
-    )
-
-
-@app.command(hidden=True)
-def watchdog() -> None:
-    """supervisord event listener: start FATAL programs again, with backoff."""
-    from macvtapdp import watchdog as wd
-
-    raise typer.Exit(wd.main())
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; usage errors in the one-line style, exit 2."""
+    try:
+        result = app(args=argv, prog_name="macvtapdp", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as err:
+        print(err.ctx.get_help() if err.ctx is not None else err.format_message())
+        return 2
+    except click_errors.UsageError as err:
+        hint = f" (see: {err.ctx.command_path} --help)" if err.ctx is not None else ""
+        print(f"macvtapdp: error: {err.format_message()}{hint}", file=sys.stderr)
+        return 2
+    except click_errors.ClickException as err:
+        print(f"macvtapdp: error: {err.format_message()}", file=sys.stderr)
+        return err.exit_code
+    except typer.Abort:
+        print("macvtapdp: aborted", file=sys.stderr)
+        return 1
+    except typer.Exit as done:
+        return int(done.exit_code)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 2
+    return result if isinstance(result, int) else 0

@@ -1,11 +1,17 @@
 """Parse and validate the resource configuration (``DP_MACVTAP_CONF``).
 
 The format is the Go plugin's: a JSON array with one object per resource,
-``{"name", "master" | "lowerDevice", "mode", "capacity"}``. Unset, empty or
-``[]`` means discovery mode. Every problem is collected and reported at once,
-one line each, naming the element and the field, so an operator fixes a
-ConfigMap in one round trip. Nothing here imports grpc or netlink code: the
-renderer and ``run`` use this module before anything heavy is loaded.
+``{"name", "master" | "lowerDevice", "mode", "capacity"}``. Unset or ``[]``
+means discovery mode; a blank value is refused (it is a ConfigMap gone wrong,
+not a wish to offer every NIC). Every problem is collected and reported at
+once, one line each, naming the element and the field, so an operator fixes a
+ConfigMap in one round trip. Inside the code the lower link is ``lower``: the
+JSON key ``master`` stays for the Go plugin's users. A configuration is at most
+``MAX_BYTES`` long, nested at most ``MAX_DEPTH`` deep and has at most
+``MAX_RESOURCES`` resources; a file must be a regular file (a FIFO or
+``/dev/zero`` would hang or exhaust the reader). Nothing here imports grpc or
+netlink code: the renderer and ``run`` use this module before anything heavy
+is loaded.
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from macvtapdp import naming
+from macvtapdp import files, naming
 from macvtapdp.errors import ConfigError
 
 ENV_VAR = "DP_MACVTAP_CONF"
 ENV_FILE_VAR = "DP_MACVTAP_CONF_FILE"
 DEFAULT_CAPACITY = 100
 MAX_CAPACITY = 1000
+MAX_RESOURCES = 64  # one process each: see the README's memory sizing
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 16
 IFNAMSIZ = 16  # the kernel's limit, including the terminating NUL
 
 _NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
@@ -42,10 +51,10 @@ class Mode(StrEnum):
 
 @dataclass(frozen=True)
 class Resource:
-    """One resource: ``capacity`` macvtaps on lower link ``master`` in ``mode``."""
+    """One resource: ``capacity`` macvtaps on lower link ``lower`` in ``mode``."""
 
     name: str
-    master: str
+    lower: str
     mode: Mode = Mode.BRIDGE
     capacity: int = DEFAULT_CAPACITY
 
@@ -183,7 +192,7 @@ def _element(where: str, item: Any, problems: list[str]) -> Resource | None:
 
     if len(problems) > before or name is None or link is None:
         return None
-    return Resource(name=name, master=link, mode=mode, capacity=capacity)
+    return Resource(name=name, lower=link, mode=mode, capacity=capacity)
 
 
 def resource(fields: Mapping[str, Any], where: str) -> Resource:
@@ -195,10 +204,41 @@ def resource(fields: Mapping[str, Any], where: str) -> Resource:
     return res
 
 
+def _depth_problem(text: str) -> str | None:
+    """Why ``text`` nests too deeply to parse (json recurses per level), if it does."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+        elif char in "]}":
+            depth -= 1
+    return None
+
+
 def parse(text: str | None, source: str = ENV_VAR) -> Config:
     """Validate configuration ``text``; raise ConfigError listing every problem."""
-    if text is None or not text.strip():
+    if text is None:
         return Config(source=source, discovery=True)
+    if not text.strip():
+        raise ConfigError(
+            [f"{source}: is blank; unset it, or write [] for discovery mode (one resource per NIC)"]
+        )
+    if len(text) > MAX_BYTES:
+        raise ConfigError([f"{source}: is {len(text)} bytes long; at most {MAX_BYTES} allowed"])
+    if why := _depth_problem(text):
+        raise ConfigError([f"{source}: invalid configuration: {why}"])
     try:
         data = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as err:
@@ -211,6 +251,10 @@ def parse(text: str | None, source: str = ENV_VAR) -> Config:
         raise ConfigError([f"{source}: must be a JSON array of resources, got {_describe(data)}"])
     if not data:
         return Config(source=source, discovery=True)
+    if len(data) > MAX_RESOURCES:
+        raise ConfigError(
+            [f"{source}: {len(data)} resources; at most {MAX_RESOURCES} (one process each)"]
+        )
 
     problems: list[str] = []
     resources = [_element(f"{source}[{i}]", item, problems) for i, item in enumerate(data)]
@@ -228,10 +272,10 @@ def parse(text: str | None, source: str = ENV_VAR) -> Config:
     for i, res in enumerate(resources):
         if res is None or res.mode is not Mode.PASSTHRU:
             continue
-        others = [j for j, o in enumerate(resources) if o and j != i and o.master == res.master]
+        others = [j for j, o in enumerate(resources) if o and j != i and o.lower == res.lower]
         if others:
             problems.append(
-                f"{source}[{i}].mode: passthru needs lower link {json.dumps(res.master)} "
+                f"{source}[{i}].mode: passthru needs lower link {json.dumps(res.lower)} "
                 f"to itself, but {source}[{others[0]}] uses it too"
             )
     if problems:
@@ -250,8 +294,9 @@ def load(env: Mapping[str, str] | None = None, file: str | None = None) -> Confi
     if path is None:
         return parse(env.get(ENV_VAR), ENV_VAR)
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        text = files.read_regular(path, MAX_BYTES)
+    except files.NotRegular as err:
+        raise ConfigError([f"{path}: cannot read configuration file: {err}"]) from err
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise ConfigError([f"{path}: cannot read configuration file: {reason}"]) from err

@@ -36,9 +36,9 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from macvtapdp import config, naming
+from macvtapdp import config, naming, settings
 from macvtapdp.errors import ConfigError
-from macvtapdp.rtnl import ARPHRD_ETHER, IFF_LOOPBACK, Link, Rtnl
+from macvtapdp.linux.netlink import ARPHRD_ETHER, IFF_LOOPBACK, Link, Netlink
 
 SYSFS_NET = "/sys/class/net"
 DEFAULT_KINDS = frozenset({"physical", "bond"})
@@ -47,12 +47,6 @@ NEVER_KINDS = frozenset({"macvtap"})
 # A master that takes the port's receive path (rx_handler): a macvtap on the port is EBUSY.
 # A VRF does not, so its ports stay usable.
 _FREE_SLAVE_KINDS = frozenset({"vrf"})
-DEFAULT_GRACE = 5.0
-
-INCLUDE_VAR = "MACVTAPDP_DISCOVER_INCLUDE"
-EXCLUDE_VAR = "MACVTAPDP_DISCOVER_EXCLUDE"
-KINDS_VAR = "MACVTAPDP_DISCOVER_KINDS"
-GRACE_VAR = "MACVTAPDP_DISCOVER_GRACE"
 
 
 def split(values: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -72,6 +66,15 @@ class Filters:
     exclude: tuple[str, ...] = ()  # globs: never names matching one of them
     kinds: tuple[str, ...] = ()  # link kinds or categories admitted besides physical and bond
 
+    @classmethod
+    def of(cls, discovery: settings.Discovery) -> Filters:
+        """The filters ``discovery`` asks for (ConfigError if they ask for the impossible)."""
+        return cls(
+            include=split(discovery.discover_include),
+            exclude=split(discovery.discover_exclude),
+            kinds=split(discovery.discover_kinds),
+        )
+
     def __post_init__(self) -> None:
         never = sorted(NEVER_KINDS.intersection(self.kinds))
         if never:
@@ -90,14 +93,6 @@ class Filters:
         if self.include and not any(fnmatch.fnmatchcase(name, g) for g in self.include):
             return False
         return not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)
-
-    def argv(self) -> list[str]:
-        """These filters as command-line options (for the ``reconcile`` program)."""
-        return (
-            [f"--discover-include={g}" for g in self.include]
-            + [f"--discover-exclude={g}" for g in self.exclude]
-            + [f"--discover-kinds={k}" for k in self.kinds]
-        )
 
     def describe(self) -> str:
         parts = [f"kinds {', '.join(sorted(self.admitted))}"]
@@ -180,7 +175,7 @@ def judge(link: Link, facts: Facts, filters: Filters, plugin_dir: str) -> Verdic
 
 def resource(name: str) -> config.Resource:
     """The resource discovery offers for link ``name``: bridge mode, default capacity."""
-    return config.Resource(name=name, master=name)
+    return config.Resource(name=name, lower=name)
 
 
 FactsOf = Callable[[str], Facts]
@@ -189,8 +184,14 @@ FactsOf = Callable[[str], Facts]
 def classify(
     links: Iterable[Link], filters: Filters, plugin_dir: str, facts_of: FactsOf = sysfs_facts
 ) -> dict[str, Verdict]:
-    """Every link's verdict, by name."""
-    return {link.name: judge(link, facts_of(link.name), filters, plugin_dir) for link in links}
+    """Every link's verdict, by name; past ``config.MAX_RESOURCES`` offered, no more."""
+    verdicts = {link.name: judge(link, facts_of(link.name), filters, plugin_dir) for link in links}
+    offered = [name for name in sorted(verdicts) if verdicts[name].offered]
+    for name in offered[config.MAX_RESOURCES :]:
+        verdicts[name] = Verdict(
+            False, f"more than {config.MAX_RESOURCES} links offered (narrow the filters)", True
+        )
+    return verdicts
 
 
 def offered(verdicts: dict[str, Verdict]) -> list[config.Resource]:
@@ -198,9 +199,7 @@ def offered(verdicts: dict[str, Verdict]) -> list[config.Resource]:
     return [resource(name) for name in sorted(verdicts) if verdicts[name].offered]
 
 
-def scan(filters: Filters, plugin_dir: str, rtnl: Rtnl | None = None) -> dict[str, Verdict]:
+def scan(filters: Filters, plugin_dir: str) -> dict[str, Verdict]:
     """Classify the links of this network namespace now."""
-    if rtnl is not None:
-        return classify(rtnl.links(), filters, plugin_dir)
-    with Rtnl() as own:
-        return classify(own.links(), filters, plugin_dir)
+    with Netlink() as netlink:
+        return classify(netlink.links(), filters, plugin_dir)

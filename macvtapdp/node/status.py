@@ -1,10 +1,17 @@
-"""``macvtapdp status``: one line per resource, and an exit code probes can use.
+"""``macvtapdp status``: one line per program, and an exit code probes can use.
 
-For each resource: its process state (from supervisord), whether it is
-registered with the kubelet (from its state file), whether its socket serves,
-and its healthy/total device count, asked over the socket with ListAndWatch
-exactly as the kubelet asks. A resource whose lower link is missing still
-serves (all devices Unhealthy): that is reported, and it counts as serving.
+Everything comes from the run directory: supervisord's control socket (the
+processes), each resource's state file (its socket, registration, lower link
+and devices) and a probe of that socket. The probe is ``GetDevicePluginOptions``,
+a unary call: it needs a free worker, as the kubelet's Allocate does, but holds
+no ListAndWatch stream slot. A resource whose lower link is missing still serves
+(all devices Unhealthy): that is reported, and it counts as serving. Any
+program that is not RUNNING (a resource, the reconciler, the watchdog, the
+metrics endpoint) makes the exit code 3.
+
+grpc is imported only when a socket is probed: ``--alive`` (the liveness
+question: does supervisord answer?) costs an interpreter, typer and one XML-RPC
+call, nothing more.
 """
 
 from __future__ import annotations
@@ -13,14 +20,12 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-import grpc
-
-from macvtapdp import naming, state
-from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
-from macvtapdp.supervisord import Layout, resource_of
+from macvtapdp import statefile
+from macvtapdp.node.render import resource_of
+from macvtapdp.rundir import Layout
 
 PROBE_TIMEOUT = 2.0
 EXIT_OK = 0
@@ -39,6 +44,7 @@ class Row:
     uptime: float
     kubelet: str = "-"
     link: str = "-"
+    sweep: str = "-"
     serving: bool = False
     healthy: int = 0
     total: int = 0
@@ -48,36 +54,23 @@ class Row:
         return self.process == "RUNNING" and (self.resource is None or self.serving)
 
 
-def probe(socket_path: str, timeout: float = PROBE_TIMEOUT) -> tuple[int, int] | None:
-    """(healthy, total) from the first ListAndWatch answer, or None if nothing serves."""
+def probe(socket_path: str, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether a device plugin answers GetDevicePluginOptions on ``socket_path``."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no INFO lines of gRPC's C core
+    import grpc
+
+    from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
+
     try:
         with grpc.insecure_channel(f"unix:{socket_path}") as channel:
             stub = api_pb2_grpc.DevicePluginStub(channel)
             stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=timeout)
-            stream = stub.ListAndWatch(api_pb2.Empty(), timeout=timeout)
-            try:
-                first = next(stream)
-            finally:
-                stream.cancel()
-    except (grpc.RpcError, StopIteration):
-        return None
-    healthy = sum(1 for d in first.devices if d.health == "Healthy")
-    return healthy, len(first.devices)
+    except grpc.RpcError:
+        return False
+    return True
 
 
-def current_socket(name: str, plugin_dir: str, endpoint: str | None) -> str | None:
-    """The socket resource ``name`` serves on now: its reported one, else any of its own."""
-    if endpoint and os.path.exists(os.path.join(plugin_dir, endpoint)):
-        return os.path.join(plugin_dir, endpoint)
-    try:
-        found = [e for e in os.scandir(plugin_dir) if naming.is_own_socket(name, e.name)]
-    except FileNotFoundError:
-        return None
-    newest = max(found, key=lambda e: e.stat().st_mtime, default=None)
-    return newest.path if newest else None
-
-
-def row(info: dict[str, Any], layout: Layout, plugin_dir: str) -> Row:
+def row(info: dict[str, Any], layout: Layout) -> Row:
     """Status of one program from its ``getProcessInfo`` dict."""
     program = str(info["name"])
     resource = resource_of(program)
@@ -91,28 +84,31 @@ def row(info: dict[str, Any], layout: Layout, plugin_dir: str) -> Row:
     )
     if resource is None:
         return base
-    reported = state.read(layout.state_file(resource)) if running else {}
+    reported = statefile.read(layout.state_file(resource)) if running else {}
     if reported.get("pid") != base.pid:
         reported = {}  # left by an earlier process
-    socket = current_socket(resource, plugin_dir, reported.get("endpoint"))
-    counts = probe(socket) if socket and running else None
-    return Row(
-        **{
-            **base.__dict__,
-            "kubelet": str(reported.get("kubelet", "-")),
-            "link": str(reported.get("link", "-")),
-            "serving": counts is not None,
-            "healthy": counts[0] if counts else 0,
-            "total": counts[1] if counts else 0,
-        }
+    socket = reported.get("socket")
+    serving = isinstance(socket, str) and os.path.exists(socket) and probe(socket)
+    total = reported.get("capacity")
+    total = total if isinstance(total, int) else 0
+    return replace(
+        base,
+        kubelet=str(reported.get("kubelet", "-")),
+        link=str(reported.get("link", "-")),
+        sweep=str(reported.get("sweep", "-")),
+        serving=serving,
+        healthy=total if serving and reported.get("healthy") is True else 0,
+        total=total,
     )
 
 
-def rows(infos: Sequence[dict[str, Any]], layout: Layout, plugin_dir: str) -> list[Row]:
+def rows(infos: Sequence[dict[str, Any]], layout: Layout) -> list[Row]:
     """Every program's row, probing the resources' sockets in parallel (probe timeouts
     must not add up past the probe's own timeout)."""
+    if not any(resource_of(str(i["name"])) for i in infos):
+        return [row(info, layout) for info in infos]
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(infos)))) as pool:
-        return list(pool.map(lambda info: row(info, layout, plugin_dir), infos))
+        return list(pool.map(lambda info: row(info, layout), infos))
 
 
 def _uptime(seconds: float) -> str:
@@ -121,7 +117,10 @@ def _uptime(seconds: float) -> str:
 
 def table(rows: Sequence[Row]) -> str:
     """A fixed-width table: resources first, then the helper programs."""
-    head = ("RESOURCE", "PROCESS", "PID", "UPTIME", "SERVING", "DEVICES", "KUBELET", "LOWER LINK")
+    head = (
+        "RESOURCE", "PROCESS", "PID", "UPTIME", "SERVING", "DEVICES", "KUBELET", "SWEEP",
+        "LOWER LINK",
+    )  # fmt: skip
     lines: list[tuple[str, ...]] = [head]
     for r in sorted(rows, key=lambda r: (r.resource is None, r.program)):
         devices = f"{r.healthy}/{r.total} healthy" if r.serving else "-"
@@ -135,6 +134,7 @@ def table(rows: Sequence[Row]) -> str:
                 serving,
                 devices,
                 r.kubelet,
+                r.sweep,
                 r.link,
             )
         )

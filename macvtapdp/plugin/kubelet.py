@@ -7,6 +7,13 @@ a fresh socket name (the kubelet keys connections by socket path, so reusing a
 name races a late disconnect of the old one). This module is that loop:
 serve → register (retrying forever with bounded backoff) → watch the directory
 → on a restart, tear down and start over. It stops only when told to.
+
+Kubelets from 1.25 on dial back and ask GetDevicePluginOptions before they
+answer Register; older ones (1.20) answer at once, dial later and take the
+options from the RegisterRequest. So the request carries the same options the
+servicer answers with. The server caps its connections (idle ones are closed
+after a while) and its message size, so a local client cannot take the
+descriptors or the memory the kubelet's calls need.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import grpc
 from macvtapdp import naming
 from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
 from macvtapdp.config import Resource
-from macvtapdp.dirwatch import IN_CREATE, IN_MOVED_TO, DirWatch
 from macvtapdp.errors import RegistrationError
-from macvtapdp.state import StateFile
+from macvtapdp.linux.inotify import IN_CREATE, IN_MOVED_TO, DirWatch
+from macvtapdp.plugin.servicer import options
+from macvtapdp.statefile import StateFile
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +44,16 @@ REGISTER_TIMEOUT = 10.0  # the kubelet answers only after dialing back (its own 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
 SAFETY_CHECK = 5.0  # re-check the directory even if inotify said nothing
+WORKERS = 8  # > MAX_STREAMS + concurrent unary calls
 _CHANNEL_OPTIONS = [
     # A channel of our own: the global subchannel pool would carry the failed
     # connection's reconnect backoff over to the next attempt.
     ("grpc.use_local_subchannel_pool", 1),
+]
+_SERVER_OPTIONS = [
+    ("grpc.max_allowed_incoming_connections", 64),
+    ("grpc.max_connection_idle_ms", 30_000),  # the kubelet's holds a stream: never idle
+    ("grpc.max_receive_message_length", 1 << 20),
 ]
 
 
@@ -62,7 +76,7 @@ def register(kubelet_socket: str, endpoint: str, resource_name: str) -> None:
                     version=API_VERSION,
                     endpoint=endpoint,
                     resource_name=resource_name,
-                    options=api_pb2.DevicePluginOptions(),
+                    options=options(),
                 ),
                 timeout=REGISTER_TIMEOUT,
             )
@@ -95,7 +109,7 @@ class Lifecycle:
         self._stop = stop
         self._watch = watch
         self._state = state
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc")
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="grpc")
 
     def run(self) -> None:
         os.makedirs(self.plugin_dir, mode=0o750, exist_ok=True)
@@ -126,7 +140,7 @@ class Lifecycle:
     def _serve(self) -> tuple[grpc.Server, str] | None:
         endpoint = naming.socket_name(self.resource.name)
         path = os.path.join(self.plugin_dir, endpoint)
-        server = grpc.server(self._pool, maximum_concurrent_rpcs=None)
+        server = grpc.server(self._pool, options=_SERVER_OPTIONS, maximum_concurrent_rpcs=None)
         self._add_servicer(server)
         try:
             server.add_insecure_port(f"unix:{path}")
@@ -136,7 +150,7 @@ class Lifecycle:
             return None
         server.start()
         log.info("serving on %s", endpoint)
-        self._state.update(endpoint=endpoint, kubelet="not registered")
+        self._state.update(socket=path, kubelet="not registered")
         return server, path
 
     def _register(self, path: str) -> int | None:

@@ -6,8 +6,8 @@ In discovery mode and with a configuration file, supervisord includes
 ``run`` writes the first set before it execs supervisord (so resources start at
 once); ``reconcile`` rewrites the set and has supervisord apply it.
 
-A file is a pure function of the resource, the plugin directory and the
-command that runs macvtapdp: an unchanged resource gets a byte-identical file,
+A file is a pure function of the resource and the node's settings: an
+unchanged resource gets a byte-identical file,
 supervisord sees an unchanged program, and its process, socket and kubelet
 stream stay as they are. Each file starts with a comment holding the resource
 as JSON, so the settings in force can be read back (for log lines such as
@@ -19,15 +19,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from macvtapdp.atomic import write_atomically
 from macvtapdp.config import Mode, Resource
-from macvtapdp.supervisord import PROGRAM_PREFIX, Layout, program_name, render_program
+from macvtapdp.files import read_regular, write_atomically
+from macvtapdp.node.render import PROGRAM_PREFIX, program_name, render_program
+from macvtapdp.rundir import Layout
+from macvtapdp.settings import Node
 
 SUFFIX = ".conf"
 HEADER = "; macvtapdp resource "
+_MAX_BYTES = 64 * 1024
 
 
 def file_name(name: str) -> str:
@@ -40,16 +43,16 @@ def _name(entry: str) -> str:
     return entry[len(PROGRAM_PREFIX) : -len(SUFFIX)]
 
 
-def text(resource: Resource, plugin_dir: str, base: Sequence[str]) -> str:
+def text(node: Node, resource: Resource) -> str:
     """The content of ``resource``'s program file (deterministic)."""
     fields = {
         "name": resource.name,
-        "master": resource.master,
+        "lower": resource.lower,
         "mode": resource.mode.value,
         "capacity": resource.capacity,
     }
     header = HEADER + json.dumps(fields, sort_keys=True) + "\n"
-    return header + render_program(resource, plugin_dir, base)
+    return header + render_program(node, resource)
 
 
 def _resource_of(content: str) -> Resource | None:
@@ -60,7 +63,7 @@ def _resource_of(content: str) -> Resource | None:
         fields = json.loads(first[len(HEADER) :])
         return Resource(
             name=str(fields["name"]),
-            master=str(fields["master"]),
+            lower=str(fields["lower"]),
             mode=Mode(fields["mode"]),
             capacity=int(fields["capacity"]),
         )
@@ -84,9 +87,8 @@ def current(layout: Layout) -> dict[str, Resource | None]:
             continue
         name = _name(entry)
         try:
-            with open(os.path.join(layout.programs_dir, entry), encoding="utf-8") as fh:
-                content = fh.read()
-        except (OSError, UnicodeDecodeError):
+            content = read_regular(os.path.join(layout.programs_dir, entry), _MAX_BYTES)
+        except (OSError, ValueError):
             found[name] = None
             continue
         res = _resource_of(content)
@@ -107,16 +109,14 @@ class Written:
         return bool(self.created or self.updated or self.deleted)
 
 
-def write(
-    layout: Layout, resources: Iterable[Resource], plugin_dir: str, base: Sequence[str]
-) -> Written:
+def write(layout: Layout, node: Node, resources: Iterable[Resource]) -> Written:
     """Make ``programs_dir`` hold exactly the program files of ``resources``.
 
     Files whose content is already right are not touched; every other file of
     ours (``resource-*``, including leftovers of an interrupted write) goes.
     Raises RenderError, before changing anything, if a value cannot be written.
     """
-    wanted = {file_name(r.name): text(r, plugin_dir, base) for r in resources}
+    wanted = {file_name(r.name): text(node, r) for r in resources}
     os.makedirs(layout.programs_dir, mode=0o700, exist_ok=True)
     created: list[str] = []
     updated: list[str] = []
@@ -124,9 +124,8 @@ def write(
     for entry, content in sorted(wanted.items()):
         path = os.path.join(layout.programs_dir, entry)
         try:
-            with open(path, encoding="utf-8") as fh:
-                old: str | None = fh.read()
-        except (OSError, UnicodeDecodeError):
+            old: str | None = read_regular(path, _MAX_BYTES)
+        except (OSError, ValueError):
             old = None
         if old == content:
             continue

@@ -1,0 +1,148 @@
+"""``macvtapdp run``: validate, render supervisord's config, exec supervisord.
+
+After the exec supervisord (``macvtapdp.node.supervise``: stock supervisord
+4.3, made prompt) is the container's PID 1: it gets the pod's SIGTERM and stops
+every resource. Nothing half-made on bad configuration: every problem is
+reported and nothing is written or started; a run directory that cannot be
+trusted, or that a live ``run`` holds, is refused before any file in it is
+touched.
+
+Two shapes. With ``DP_MACVTAP_CONF`` (the Go plugin's way) the resources are
+fixed: their programs are written inline. In discovery mode, or with a
+configuration file, they change while running: the resources' program files
+are written into ``programs.d`` now, so they start at once, and a
+``reconcile`` program keeps them up to date.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import NoReturn
+
+from macvtapdp import config, files, naming, rundir, settings
+from macvtapdp.config import Resource
+from macvtapdp.errors import ConfigError, KernelError
+from macvtapdp.node import discovery, programs
+from macvtapdp.node.render import module_argv, render
+from macvtapdp.rundir import Layout
+from macvtapdp.settings import Node
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``run`` writes: the main config, the resources, and where they come from."""
+
+    node: Node
+    layout: Layout
+    text: str
+    resources: list[Resource]
+    dynamic: bool
+    summary: str
+    warnings: list[str]
+
+
+def _discover(filters: discovery.Filters, plugin_dir: str) -> tuple[list[Resource], list[str]]:
+    try:
+        verdicts = discovery.scan(filters, plugin_dir)
+    except KernelError as err:  # reconcile tries again
+        return [], [f"cannot list links: {err}"]
+    found = discovery.offered(verdicts)
+    notes = [
+        f"link {n} is not offered: {v.reason}" for n, v in sorted(verdicts.items()) if v.notable
+    ]
+    return found, notes
+
+
+def _too_long(resources: list[Resource], plugin_dir: str) -> list[str]:
+    limit = naming.max_name_length(plugin_dir)
+    return [
+        f"resource {r.name!r}: the name is too long for plugin directory {plugin_dir} "
+        f"({len(r.name)} characters, at most {max(limit, 0)}: its socket path would exceed "
+        f"{naming.MAX_SOCKET_PATH} bytes)"
+        for r in resources
+        if len(r.name) > limit
+    ]
+
+
+def plan(node: Node) -> Plan:
+    """Validate and render without writing anything (raises PermanentError)."""
+    plugin_dir = node.plugin.plugin_dir
+    layout = Layout(node.plugin.run_dir)
+    if node.config_file is not None:
+        # not realpath: a ConfigMap volume swaps the symlinks under this path
+        node = Node(
+            plugin=node.plugin,
+            config_file=os.path.abspath(node.config_file),
+            discovery=node.discovery,
+            metrics_address=node.metrics_address,
+        )
+    filters = discovery.Filters.of(node.discovery)
+    conf = config.load(file=node.config_file)
+    dynamic = node.config_file is not None or conf.discovery
+    warnings: list[str] = []
+    if conf.discovery:
+        resources, warnings = _discover(filters, plugin_dir)
+    else:
+        resources = list(conf.resources)
+        problems = _too_long(resources, plugin_dir)
+        if problems:
+            raise ConfigError(problems)
+    text = render(node, resources, layout, dynamic=dynamic)
+    for r in resources if dynamic else ():  # refuse unwritable values before anything is written
+        programs.text(node, r)
+    names = ", ".join(r.name for r in resources) or "(none)"
+    if conf.discovery:
+        what = f"discovery mode ({filters.describe()}): {len(resources)} links offered: {names}"
+    else:
+        what = f"{len(resources)} resources from {conf.source}: {names}"
+    follows = {
+        (True, True): "; the reconcile program follows links and the file",
+        (True, False): "; the reconcile program follows links",
+        (False, True): "; the reconcile program follows the file",
+    }.get((conf.discovery, node.config_file is not None), "")
+    return Plan(node, layout, text, resources, dynamic, what + follows, warnings)
+
+
+def missing_links(resources: list[Resource]) -> list[str]:
+    """One warning per configured lower link that does not exist now."""
+    from macvtapdp.linux.netlink import Netlink
+
+    try:
+        with Netlink() as netlink:
+            present = {link.name for link in netlink.links()}
+            present |= {alt for link in netlink.links() for alt in link.altnames}
+    except KernelError as err:
+        return [f"cannot list links: {err}"]
+    return [
+        f"resource {r.name}: lower link {r.lower} does not exist; its devices stay "
+        "Unhealthy until it appears"
+        for r in resources
+        if r.lower not in present
+    ]
+
+
+def supervisord_argv() -> list[str]:
+    """supervisord, through the shim that removes its one-second ticks."""
+    return module_argv("macvtapdp.node.supervise")
+
+
+def say(line: str) -> None:
+    print(f"macvtapdp: {line}", file=sys.stderr, flush=True)
+
+
+def launch(node: Node) -> NoReturn:
+    """Validate and render (raising PermanentError), then become supervisord."""
+    p = plan(node)
+    warnings = p.warnings + ([] if p.dynamic and not p.resources else missing_links(p.resources))
+    rundir.prepare(p.layout)  # the lock it returns stays open in supervisord
+    if p.dynamic:
+        programs.write(p.layout, p.node, p.resources)
+    files.write_atomically(p.layout.node_settings, settings.to_json(p.node))
+    files.write_atomically(p.layout.conf, p.text)
+    say(f"{p.summary}; starting supervisord with {p.layout.conf}")
+    for warning in warnings:
+        say(f"warning: {warning}")
+    argv = supervisord_argv()
+    os.execv(argv[0], [*argv, "--nodaemon", "--configuration", p.layout.conf])

@@ -1,0 +1,277 @@
+"""A device's macvtap, and a ``/dev/tapN`` that is its own and stays its own.
+
+``/dev`` is one devtmpfs for the whole kernel, but ifindexes are per network
+namespace: ``/dev/tap4`` may be another namespace's macvtap (two kind nodes on
+one host, a pod's netns). The kernel names a macvtap's node ``tap<ifindex>``
+when it registers the device, and a name already taken gets no node. So each
+macvtap is created with an ifindex of our choosing (``IFLA_IFINDEX``) for which
+no ``/dev/tap<ifindex>`` exists, and its node is checked afterwards against the
+device number sysfs gives in our own namespace. The kernel then owns the node:
+it follows the macvtap into a pod's namespace (where the macvtap CNI moves it),
+and disappears with it. We never make, overwrite or remove a node ourselves.
+
+The indexes come from ``[2**30, 2**31)``, starting at a point derived from the
+node's name and the device ID: far above what any namespace numbers its links
+(so the macvtap keeps its index when it moves into a pod), the same path for
+the same device when it is made again, and different nodes on one kernel start
+from different points.
+
+Allocate must be idempotent: the kubelet allocates an init container's
+devices again for the app container, and the ``/dev/tapN`` it was given first
+must stay valid. So a macvtap that already is what we would create, and whose
+node is its own, is reused; anything else by that name is replaced; there are
+never two. Each macvtap also carries the device ID as an alternative name,
+which released macvtap CNIs (v0.13.1 and older) look it up by.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+import xxhash
+
+from macvtapdp.config import Mode
+from macvtapdp.errors import AllocationError, KernelError, LinkMissingError, LowerLinkBusy
+from macvtapdp.linux.bpf import HIGH_INDEX
+from macvtapdp.linux.netlink import Link, Netlink
+
+log = logging.getLogger(__name__)
+
+INDEX_SPAN = (1 << 31) - 1 - HIGH_INDEX
+_TRIES = 16
+_STEP = 7919  # a prime: a collision moves on to a different neighbourhood
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A macvtap and the character device a VM opens to use it."""
+
+    ifname: str
+    index: int
+    path: str
+    rdev: int
+
+
+def candidates(dev_id: str, salt: str | None = None) -> list[int]:
+    """The ifindexes to try for ``dev_id``, in order."""
+    salt = socket.gethostname() if salt is None else salt
+    start = xxhash.xxh64_intdigest(f"{salt}\0{dev_id}".encode()) % INDEX_SPAN
+    return [HIGH_INDEX + (start + i * _STEP) % INDEX_SPAN for i in range(_TRIES)]
+
+
+def node_path(index: int, dev_dir: str = "/dev") -> str:
+    return os.path.join(dev_dir, f"tap{index}")
+
+
+def sysfs_rdev(ifname: str, index: int, sysfs: str = "/sys") -> int | None:
+    """The device number of macvtap ``ifname``'s tap, as sysfs in our namespace has it."""
+    try:
+        with open(f"{sysfs}/class/net/{ifname}/tap{index}/dev", encoding="ascii") as fh:
+            major, minor = fh.read().strip().split(":")
+    except (OSError, ValueError):
+        return None
+    return os.makedev(int(major), int(minor))
+
+
+def node_rdev(path: str) -> int | None:
+    """The device number ``path`` opens, if it is a character device."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev if stat.S_ISCHR(st.st_mode) else None
+
+
+def own_node(link: Link, dev_dir: str = "/dev", sysfs: str = "/sys") -> Tap | None:
+    """``link``'s Tap if ``/dev/tap<index>`` is its own device; None otherwise."""
+    rdev = sysfs_rdev(link.name, link.index, sysfs)
+    path = node_path(link.index, dev_dir)
+    if rdev is None or node_rdev(path) != rdev:
+        return None
+    return Tap(link.name, link.index, path, rdev)
+
+
+def is_wanted(link: Link, lower: Link, mode: Mode) -> bool:
+    """True if ``link`` is exactly the macvtap we would create."""
+    return (
+        link.kind == "macvtap"
+        and link.lower_index == lower.index
+        and link.link_netnsid is None
+        and link.macvlan_mode == mode.value
+    )
+
+
+class Macvtaps:
+    """Makes and checks the macvtaps of one lower link's devices."""
+
+    def __init__(
+        self,
+        netlink: Netlink,
+        *,
+        dev_dir: str = "/dev",
+        sysfs: str = "/sys",
+        salt: str | None = None,
+    ) -> None:
+        self.netlink = netlink
+        self.dev_dir = dev_dir
+        self.sysfs = sysfs
+        self.salt = salt
+
+    def ensure(self, dev_id: str, ifname: str, lower: Link, mode: Mode) -> tuple[Tap, bool]:
+        """The tap of ``dev_id``'s macvtap on ``lower`` in ``mode``, and whether it is new.
+
+        Creates first and looks only if the name is taken: a fresh device is
+        the common case. Raises LinkMissingError if ``lower`` went away,
+        LowerLinkBusy if a passthru macvtap holds it, KernelError if the kernel
+        refuses, AllocationError if no free node can be had.
+        """
+        for attempt in range(3):
+            try:
+                return self.create(dev_id, ifname, lower, mode), True
+            except KernelError as err:
+                if err.errno != errno.EEXIST:
+                    raise
+            link = self.netlink.link(name=ifname)
+            if link is not None and is_wanted(link, lower, mode):
+                tap = own_node(link, self.dev_dir, self.sysfs)
+                if tap is not None:
+                    self._complete(link, dev_id)
+                    return tap, False
+                log.warning(
+                    "replacing %s: /dev/tap%d is not its own device (another namespace's, or none)",
+                    ifname,
+                    link.index,
+                )
+            elif link is not None:
+                log.warning(
+                    "replacing %s (kind %s, lower index %s, mode %s): want a %s macvtap on %s",
+                    ifname,
+                    link.kind,
+                    link.lower_index,
+                    link.macvlan_mode,
+                    mode.value,
+                    lower.name,
+                )
+            elif attempt:
+                log.info("%s came and went while it was being created; trying again", ifname)
+            if link is not None:
+                self.delete(link)
+        raise KernelError(errno.EEXIST, f"create macvtap {ifname}", "its name stays taken")
+
+    def create(
+        self, dev_id: str, ifname: str, lower: Link, mode: Mode, index: int | None = None
+    ) -> Tap:
+        """A new macvtap with a node of its own (EEXIST if the name is taken).
+
+        With ``index`` only that ifindex is tried (to make a device again at
+        the path a container was given).
+        """
+        tried = [index] if index is not None else candidates(dev_id, self.salt)
+        for n in tried:
+            path = node_path(n, self.dev_dir)
+            if os.path.lexists(path):
+                continue  # another device's node, or a stale one: never ours to touch
+            try:
+                self.netlink.add_macvtap(
+                    ifname, lower.index, mode.value, index=n, txqlen=lower.txqlen, altname=dev_id
+                )
+            except KernelError as err:
+                if err.errno == errno.EEXIST and self.netlink.link(name=ifname) is None:
+                    continue  # the index, not the name, is taken in our namespace
+                mapped = self._refused(err, dev_id, ifname, lower, mode)
+                if mapped is err:
+                    raise
+                raise mapped from err
+            rdev = sysfs_rdev(ifname, n, self.sysfs)
+            if rdev is not None and node_rdev(path) == rdev:
+                return Tap(ifname, n, path, rdev)
+            # Someone else's node appeared in between (or no devtmpfs): not ours
+            log.warning("%s has no node of its own at %s; trying another index", ifname, path)
+            self._delete_index(n)
+            if index is not None:
+                break
+        where = f"/dev/tap{index}" if index is not None else f"{len(tried)} free /dev/tapN names"
+        raise AllocationError(
+            f"cannot give {dev_id} a device node of its own: tried {where} "
+            f"(is {self.dev_dir} the host's devtmpfs?)"
+        )
+
+    def delete(self, link: Link) -> bool:
+        """Delete ``link``; False if it was already gone."""
+        return self._delete_index(link.index)
+
+    def remove(self, ifname: str) -> bool:
+        """Delete macvtap ``ifname``; False if there is no macvtap of that name."""
+        link = self.netlink.link(name=ifname)
+        if link is None or link.kind != "macvtap":
+            return False
+        return self.delete(link)
+
+    def _delete_index(self, index: int) -> bool:
+        try:
+            self.netlink.delete(index)
+        except KernelError as err:
+            if err.errno == errno.ENODEV:
+                return False
+            raise
+        return True
+
+    def _complete(self, link: Link, dev_id: str) -> None:
+        """A reused macvtap: up, and with its altname (an older macvtapdp made it)."""
+        if not link.admin_up:
+            self.netlink.set_up(link.index)
+        if dev_id not in link.altnames:
+            try:
+                self.netlink.add_altname(link.index, dev_id)
+            except KernelError as err:  # another link has that altname: keep serving
+                log.warning("cannot give %s the altname %s: %s", link.name, dev_id, err)
+
+    def _refused(
+        self, err: KernelError, dev_id: str, ifname: str, lower: Link, mode: Mode
+    ) -> Exception:
+        """What the kernel's refusal to create ``ifname`` means, as our error."""
+        if err.errno == errno.ENODEV:
+            return LinkMissingError(f"lower link {lower.name} disappeared")
+        if err.errno in (errno.EBUSY, errno.EINVAL):
+            holder = self._passthru_holder(lower, ifname)
+            if holder is not None or (mode is Mode.PASSTHRU and err.errno == errno.EINVAL):
+                return self._busy(lower, holder, dev_id)
+            if err.errno == errno.EBUSY:
+                return LowerLinkBusy(
+                    f"lower link {lower.name} is busy: a port of a bridge, bond or team"
+                )
+        return err
+
+    def _passthru_holder(self, lower: Link, ifname: str) -> Link | None:
+        """The passthru macvtap (other than ``ifname``) that holds ``lower``, if any."""
+        for link in self.netlink.links():
+            if (
+                link.kind == "macvtap"
+                and link.lower_index == lower.index
+                and link.macvlan_mode == "passthru"
+                and link.name != ifname
+            ):
+                return link
+        return None
+
+    def _busy(self, lower: Link, holder: Link | None, dev_id: str) -> LowerLinkBusy:
+        if holder is None:
+            return LowerLinkBusy(
+                f"lower link {lower.name} is held by a passthru macvtap in another network "
+                f"namespace: {dev_id}'s own, still in a pod (the macvtap CNI moved it there), "
+                "or another plugin's",
+                dev_id,
+                passthru=True,
+            )
+        device = next((a for a in holder.altnames if "Mvp" in a), None)
+        who = f"device {device} ({holder.name})" if device else holder.name
+        return LowerLinkBusy(
+            f"lower link {lower.name} is held by the passthru macvtap of {who}",
+            device,
+            passthru=True,
+        )

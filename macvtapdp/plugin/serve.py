@@ -1,0 +1,122 @@
+"""One resource's process: wires the pieces together.
+
+The lower link's watcher feeds the health every ListAndWatch stream reports,
+the allocator makes macvtaps, and the kubelet lifecycle keeps the socket
+registered. SIGTERM and SIGINT end the streams (so the kubelet sees a clean end
+and marks the devices unhealthy at once), stop the server, remove the socket,
+and return 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+import grpc
+
+from macvtapdp import naming
+from macvtapdp.api.v1beta1 import api_pb2_grpc
+from macvtapdp.errors import PermanentError
+from macvtapdp.linux.inotify import DirWatch
+from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.plugin.allocator import Allocator, Records
+from macvtapdp.plugin.health import Health
+from macvtapdp.plugin.kubelet import Lifecycle
+from macvtapdp.plugin.linkwatch import LinkState, LinkWatcher
+from macvtapdp.plugin.macvtap import Macvtaps
+from macvtapdp.plugin.servicer import DevicePluginServicer
+from macvtapdp.rundir import Layout
+from macvtapdp.settings import Serve
+from macvtapdp.statefile import StateFile
+
+log = logging.getLogger("macvtapdp")
+
+
+class _Lower:
+    """The allocator's view of the lower link: the watcher's last state, or a fresh read."""
+
+    def __init__(self, watcher: LinkWatcher) -> None:
+        self._watcher = watcher
+
+    def current(self) -> Link | None:
+        return self._watcher.state.link
+
+    def refresh(self) -> Link | None:
+        return self._watcher.refresh().link
+
+
+def check(settings: Serve) -> None:
+    """Refuse what can never work (PermanentError), before anything starts."""
+    resource, plugin_dir = settings.resource, settings.plugin.plugin_dir
+    longest = naming.max_name_length(plugin_dir)
+    if len(resource.name) > longest:
+        raise PermanentError(
+            f"resource name {resource.name!r} is too long for plugin directory {plugin_dir}: "
+            f"its socket path would exceed {naming.MAX_SOCKET_PATH} bytes "
+            f"(at most {max(longest, 0)} characters here)"
+        )
+
+
+def serve(settings: Serve) -> int:
+    """Serve ``settings.resource`` until SIGTERM/SIGINT; return the exit code."""
+    check(settings)
+    resource, plugin = settings.resource, settings.plugin
+    layout = Layout(plugin.run_dir)
+    os.umask(0o077)  # only root (the kubelet) may use our socket
+    log.info(
+        "serving %s: %d devices, macvtap mode %s on lower link %s, plugin directory %s",
+        resource.resource_name,
+        resource.capacity,
+        resource.mode.value,
+        resource.lower,
+        plugin.plugin_dir,
+    )
+    stop = threading.Event()
+    health = Health()
+    state = StateFile(layout.state_file(resource.name))
+    state.update(capacity=resource.capacity, lower=resource.lower)
+
+    def link_changed(link: LinkState) -> None:
+        health.set(healthy=link.healthy, reason=link.describe())
+        verdict = "Healthy" if link.healthy else "Unhealthy"
+        log.info("lower link %s is %s: devices %s", resource.lower, link.describe(), verdict)
+        state.update(link=link.describe(), healthy=link.healthy)
+
+    netlink = Netlink()
+    allocator: Allocator | None = None
+
+    def gone(link: Link) -> None:
+        if allocator is not None:
+            allocator.gone(link)
+
+    watcher = LinkWatcher(resource.lower, netlink, link_changed, gone)
+    macvtaps = Macvtaps(netlink, sysfs=plugin.sysfs)
+    allocator = Allocator(
+        resource, macvtaps, _Lower(watcher), Records(layout.taps_file(resource.name))
+    )
+    servicer = DevicePluginServicer(resource, health, allocator)
+    with DirWatch(plugin.plugin_dir) as watch:
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+            health.close()
+            watch.wake()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+        def add_servicer(server: grpc.Server) -> None:
+            api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
+
+        watcher.start()
+        try:
+            Lifecycle(resource, plugin.plugin_dir, add_servicer, stop, watch, state).run()
+        finally:
+            watcher.stop()
+            netlink.close()
+            state.remove()
+    log.info("stopped; socket removed")
+    return 0
