@@ -39,10 +39,14 @@ def write_atomically(path: str, text: str, mode: int = 0o600) -> None:
 def read_regular(path: str, limit: int) -> str:
     """The UTF-8 text of regular file ``path`` (symlinks followed); NotRegular otherwise."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegular(f"not a regular file ({_kind(st.st_mode)})")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
         raise NotRegular(f"larger than {limit} bytes")

@@ -1,4 +1,4 @@
-"""Run the real programs for tests: ``macvtapdp serve`` and ``macvtapdp run``.
+"""Run the real programs for tests: a resource process and ``macvtapdp run``.
 
 Processes run inside a test's network namespace (``ip netns exec``, which also
 gives them that namespace's ``/sys``) and talk to the kubelet stand-in through
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tests.netns import NetNS
 
 if TYPE_CHECKING:
+    from macvtapdp.node.control import Supervisor
     from tests.kubelet import ResourceState
 
 RESOURCE_DOMAIN = "macvtap.network.kubevirt.io"
@@ -150,7 +151,15 @@ class Proc:
 
 
 def serve_argv(name: str, plugin_dir: str, *options: str) -> list[str]:
-    return [*macvtapdp(), "serve", name, f"--plugin-dir={plugin_dir}", *options]
+    """A resource process (``python -m macvtapdp.plugin``) as supervisord would start it;
+    ``options`` override the defaults given here (a temporary run directory, no metrics)."""
+    given = {o.split("=", 1)[0] for o in options}
+    defaults = [f"--run-dir={plugin_dir}/run", "--metrics=false"]
+    extra = [d for d in defaults if d.split("=", 1)[0] not in given]
+    return [
+        sys.executable, "-m", "macvtapdp.plugin", f"--name={name}",
+        f"--plugin-dir={plugin_dir}", *extra, *options,
+    ]  # fmt: skip
 
 
 def processes_mentioning(*needles: str) -> dict[int, str]:
@@ -195,6 +204,8 @@ class Node:
     def start(self, *options: str) -> Proc:
         """``macvtapdp run`` with the node's directories and any further ``options``."""
         argv = [*macvtapdp(), "run", f"--plugin-dir={self.plugin_dir}", f"--run-dir={self.run_dir}"]
+        if not any(o.startswith("--metrics-address") for o in options):
+            argv.append("--metrics-address=")
         self.proc = Proc(self.ns, [*argv, *options], env=self.env)
         return self.proc
 
@@ -213,28 +224,20 @@ class Node:
 
     def status(self, *options: str) -> subprocess.CompletedProcess[str]:
         """``macvtapdp status`` for this node, as a probe runs it."""
-        argv = [
-            *macvtapdp(),
-            "status",
-            f"--plugin-dir={self.plugin_dir}",
-            f"--run-dir={self.run_dir}",
-            *options,
-        ]
+        argv = [*macvtapdp(), "status", f"--run-dir={self.run_dir}", *options]
         return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
-    def supervisor(self) -> contextlib.AbstractContextManager[Any]:
-        """supervisord's XML-RPC ``supervisor`` namespace (a context manager)."""
-        from macvtapdp import control
-        from macvtapdp.supervisord import Layout
+    def supervisor(self) -> Supervisor:
+        """supervisord's XML-RPC client (a context manager; ``call(method, *args)``)."""
+        from macvtapdp.node.control import Supervisor
+        from macvtapdp.rundir import Layout
 
-        return control.connect(Layout(self.run_dir).server_url)
+        return Supervisor(Layout(self.run_dir).server_url)
 
     def processes(self) -> dict[str, dict[str, Any]]:
         """supervisord's view: program name -> getProcessInfo dict."""
-        from macvtapdp import control
-        from macvtapdp.supervisord import Layout
-
-        return {str(p["name"]): p for p in control.processes(Layout(self.run_dir))}
+        with self.supervisor() as supervisor:
+            return {str(p["name"]): p for p in supervisor.processes()}
 
     def running(self, timeout: float = 15.0) -> dict[str, dict[str, Any]]:
         """Wait until supervisord has every program RUNNING; its view then."""

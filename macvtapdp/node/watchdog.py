@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     from macvtapdp.linux import process
     from macvtapdp.node.control import Supervisor
 
-    settings.from_argv(settings.Node, sys.argv[1:] if argv is None else argv)
+    try:
+        settings.from_argv(settings.Node, sys.argv[1:] if argv is None else argv)
+    except MacvtapdpError as err:
+        print(f"macvtapdp: error: {err}", file=sys.stderr)
+        return 2
     # supervisord stops us with SIGTERM while we wait for an event: exit cleanly
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     logs.configure("watchdog")

@@ -50,7 +50,7 @@ _CHANNEL_OPTIONS = [
     # connection's reconnect backoff over to the next attempt.
     ("grpc.use_local_subchannel_pool", 1),
 ]
-_SERVER_OPTIONS = [
+SERVER_OPTIONS = [
     ("grpc.max_allowed_incoming_connections", 64),
     ("grpc.max_connection_idle_ms", 30_000),  # the kubelet's holds a stream: never idle
     ("grpc.max_receive_message_length", 1 << 20),
@@ -140,7 +140,7 @@ class Lifecycle:
     def _serve(self) -> tuple[grpc.Server, str] | None:
         endpoint = naming.socket_name(self.resource.name)
         path = os.path.join(self.plugin_dir, endpoint)
-        server = grpc.server(self._pool, options=_SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+        server = grpc.server(self._pool, options=SERVER_OPTIONS, maximum_concurrent_rpcs=None)
         self._add_servicer(server)
         try:
             server.add_insecure_port(f"unix:{path}")

@@ -1,4 +1,4 @@
-"""The command line as a user meets it: help, errors, and the two front ends agreeing."""
+"""The command line as a user meets it: help, one error style, and the lean program entries."""
 
 from __future__ import annotations
 
@@ -8,47 +8,75 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer.main
-from typer.testing import CliRunner
 
-from macvtapdp import entry
-from macvtapdp.cli import app
-
-runner = CliRunner()
-COMMANDS = {"run", "serve", "render-config", "status"}
+COMMANDS = ("run", "render-config", "status")
 
 
-def cli_options(command: str) -> dict[str, str | None]:
-    group = typer.main.get_command(app)
-    params = group.commands[command].params  # type: ignore[attr-defined]
-    found: dict[str, str | None] = {}
-    for p in params:
-        if p.param_type_name == "option":
-            envvar = p.envvar if isinstance(p.envvar, str) else None
-            found[p.opts[0]] = envvar
-    return found
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``macvtapdp ARGS`` as a person runs it (a fresh process: exit codes and streams)."""
+    return subprocess.run(
+        [sys.executable, "-m", "macvtapdp", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_help_lists_every_command_with_a_line() -> None:
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
+    done = cli("--help")
+    assert done.returncode == 0
     for command in COMMANDS:
-        assert f" {command} " in result.output
-    assert " watchdog " not in result.output  # supervisord's, not the user's
+        assert f"  {command}  " in done.stdout
+    for internal in ("serve", "reconcile", "watchdog", "metrics"):
+        assert f"  {internal} " not in done.stdout  # supervisord's programs, not commands
 
 
-@pytest.mark.parametrize(
-    ("command", "options"), [("serve", entry.SERVE_OPTIONS), ("run", entry.RUN_OPTIONS)]
-)
-def test_fast_front_end_takes_the_same_options(
-    command: str, options: dict[str, str | None]
-) -> None:
-    """``serve`` and ``run`` skip typer; both parsers must accept the same things."""
-    assert cli_options(command) == options
-    parser = entry._parser(command, options)
-    assert {a.option_strings[0] for a in parser._actions if a.option_strings} - {"-h"} == set(
-        options
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_short_and_long_help_work_everywhere(command: str, flag: str) -> None:
+    done = cli(command, flag)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"Usage: macvtapdp {command} [OPTIONS]")
+    assert "-h, --help" in done.stdout
+
+
+def test_flags_that_take_no_value_are_shown_as_such() -> None:
+    out = cli("status", "--help").stdout
+    assert "  --alive  " in out or "  --alive\n" in out
+    assert "--alive BOOL" not in out and "--alive <bool>" not in out
+    assert "--no-topology  " in cli("run", "--help").stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_unknown_option_is_one_line_and_exit_2(command: str) -> None:
+    done = cli(command, "--bogus")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == (
+        f"macvtapdp: error: No such option: --bogus (see: macvtapdp {command} --help)\n"
     )
+
+
+@pytest.mark.parametrize("command", ["run", "render-config"])
+def test_a_bad_value_gets_the_same_message_from_every_command(command: str) -> None:
+    done = cli(command, "--discover-grace=-1")
+    assert done.returncode == 2
+    assert done.stderr.startswith("macvtapdp: error: Invalid value for '--discover-grace'")
+    assert "-1.0 is not in the range x>=0" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_an_unknown_command_is_one_line() -> None:
+    done = cli("serve", "eth0")
+    assert done.returncode == 2
+    assert done.stderr.startswith("macvtapdp: error: No such command 'serve'")
+
+
+def test_no_arguments_shows_the_help() -> None:
+    done = cli()
+    assert done.returncode == 2
+    assert done.stdout.startswith("Usage: macvtapdp [OPTIONS] COMMAND")
 
 
 BAD = '[{"name":"a b","master":"eth0"},{"name":"x","master":"y","mode":"nope"}]'
@@ -62,33 +90,24 @@ BAD_LINES = [
 
 def test_render_config_refuses_bad_configuration_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "supervisord.conf"
-    result = runner.invoke(app, ["render-config", "-o", str(out)], env={"DP_MACVTAP_CONF": BAD})
-    assert result.exit_code == 2
-    assert result.output.splitlines() == BAD_LINES
+    done = cli("render-config", "-o", str(out), env={"DP_MACVTAP_CONF": BAD})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == BAD_LINES
     assert not out.exists()
 
 
 def test_render_config_writes_a_file(tmp_path: Path) -> None:
     out = tmp_path / "supervisord.conf"
     conf = '[{"name":"eth0","master":"eth0"}]'
-    result = runner.invoke(app, ["render-config", "-o", str(out)], env={"DP_MACVTAP_CONF": conf})
-    assert result.exit_code == 0, result.output
+    done = cli("render-config", "-o", str(out), env={"DP_MACVTAP_CONF": conf})
+    assert done.returncode == 0, done.stderr
     assert "[program:resource-eth0]" in out.read_text()
-
-
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "macvtapdp", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    assert out.stat().st_mode & 0o777 == 0o644
 
 
 def test_run_refuses_bad_configuration_and_starts_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    done = run_cli(
+    done = cli(
         "run", f"--run-dir={run_dir}", f"--plugin-dir={tmp_path}", env={"DP_MACVTAP_CONF": BAD}
     )
     assert done.returncode == 2
@@ -96,26 +115,60 @@ def test_run_refuses_bad_configuration_and_starts_nothing(tmp_path: Path) -> Non
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("blank", ["", " ", "\n\t"])
+def test_a_blank_configuration_is_refused_not_taken_for_discovery(blank: str) -> None:
+    done = cli("render-config", env={"DP_MACVTAP_CONF": blank})
+    assert done.returncode == 2
+    assert done.stderr == (
+        "macvtapdp: error: DP_MACVTAP_CONF: is blank; unset it, or write [] for discovery "
+        "mode (one resource per NIC)\n"
+    )
+
+
 def test_run_with_an_unreadable_file_names_it(tmp_path: Path) -> None:
     missing = tmp_path / "nope.json"
-    done = run_cli("run", f"--config-file={missing}", f"--run-dir={tmp_path}/r", env={})
+    done = cli("run", f"--config-file={missing}", f"--run-dir={tmp_path}/r")
     assert done.returncode == 2
     assert done.stderr == (
         f"macvtapdp: error: {missing}: cannot read configuration file: No such file or directory\n"
     )
+    assert not (tmp_path / "r").exists()
 
 
-def test_serve_for_an_unconfigured_name_says_which_exist() -> None:
-    done = run_cli("serve", "eth9", env={"DP_MACVTAP_CONF": '[{"name":"eth0","master":"e"}]'})
+@pytest.mark.parametrize("address", ["9469", "host:", ":99999", "a b:1"])
+def test_a_bad_metrics_address_is_refused(address: str) -> None:
+    done = cli("render-config", f"--metrics-address={address}", env={"DP_MACVTAP_CONF": "[]"})
     assert done.returncode == 2
-    assert done.stderr == (
-        "macvtapdp: error: serve: no resource named 'eth9' in DP_MACVTAP_CONF (configured: eth0)\n"
-    )
+    assert done.stderr.startswith(f"macvtapdp: error: --metrics-address: '{address}'")
 
 
 def test_status_without_supervisord_exits_4(tmp_path: Path) -> None:
-    done = run_cli("status", f"--run-dir={tmp_path}", env={})
+    done = cli("status", f"--run-dir={tmp_path}")
     assert done.returncode == 4
     assert done.stderr.startswith(
         f"macvtapdp: error: cannot reach supervisord at unix://{tmp_path}"
     )
+
+
+@pytest.mark.parametrize(
+    "module", ["macvtapdp.plugin", "macvtapdp.node.reconcile", "macvtapdp.node.watchdog"]
+)
+def test_the_programs_supervisord_starts_refuse_bad_options_in_one_line(module: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--bogus=1"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert done.stderr == "macvtapdp: error: unknown option --bogus\n"
+
+
+@pytest.mark.parametrize(
+    "module", ["macvtapdp.plugin.serve", "macvtapdp.node.reconcile", "macvtapdp.node.watchdog"]
+)
+def test_the_programs_supervisord_starts_import_neither_typer_nor_pydantic(module: str) -> None:
+    code = (
+        f"import sys, {module}; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('typer', 'pydantic', 'click')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -121,10 +123,65 @@ def test_bad_configuration(text: str, problems: list[str]) -> None:
     assert caught.value.problems == problems
 
 
-@pytest.mark.parametrize("text", [None, "", "  \n", "[]", " [ ] "])
+@pytest.mark.parametrize("text", [None, "[]", " [ ] "])
 def test_unset_or_empty_means_discovery(text: str | None) -> None:
     conf = config.parse(text)
     assert conf.discovery and conf.resources == ()
+
+
+@pytest.mark.parametrize("text", ["", "  \n"])
+def test_blank_is_refused_rather_than_offering_every_nic(text: str) -> None:
+    with pytest.raises(ConfigError, match="is blank; unset it, or write \\[\\] for discovery"):
+        config.parse(text)
+
+
+def test_deep_nesting_is_one_line_not_a_recursion_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse("[" * 100_000 + "]" * 100_000)
+    assert caught.value.problems == [
+        f"{C}: invalid configuration: nested deeper than {config.MAX_DEPTH} levels"
+    ]
+    # brackets inside strings do not count
+    assert config.parse('[{"name":"a","master":"x", "mode": null}]'.replace("null", '"bridge"'))
+    with pytest.raises(ConfigError, match="unknown mode"):
+        config.parse(json.dumps([{"name": "a", "master": "x", "mode": "[" * 50}]))
+
+
+def test_too_many_resources_are_refused() -> None:
+    many = [{"name": f"r{i}", "master": f"e{i}"} for i in range(config.MAX_RESOURCES + 1)]
+    with pytest.raises(ConfigError) as caught:
+        config.parse(json.dumps(many))
+    assert caught.value.problems == [
+        f"{C}: {config.MAX_RESOURCES + 1} resources; at most {config.MAX_RESOURCES} (one process each)"
+    ]
+    assert len(config.parse(json.dumps(many[:-1])).resources) == config.MAX_RESOURCES
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda p: os.mkfifo(p), "not a regular file (a FIFO)"),
+        (lambda p: os.symlink("/dev/zero", p), "not a regular file (a character device)"),
+        (lambda p: os.mkdir(p), "not a regular file (a directory)"),
+        (
+            lambda p: p.write_bytes(b" " * (config.MAX_BYTES + 1)),
+            f"larger than {config.MAX_BYTES} bytes",
+        ),
+        (
+            lambda p: p.write_bytes(b"\xff\xfe"),
+            "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
+        ),
+    ],
+)
+def test_only_regular_files_of_bounded_size_are_read(
+    tmp_path: Path, make: Callable[[Path], object], why: str
+) -> None:
+    """A FIFO would hang the reader, /dev/zero would exhaust it: both are one line."""
+    path = tmp_path / "conf"
+    make(path)
+    with pytest.raises(ConfigError) as caught:
+        config.load({}, file=str(path))
+    assert caught.value.problems == [f"{path}: cannot read configuration file: {why}"]
 
 
 def test_resource_names_and_devices() -> None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import typer.main
 
-from macvtapdp import discovery, entry
-from macvtapdp.cli import app
+from macvtapdp import config, settings
 from macvtapdp.config import Mode, Resource
-from macvtapdp.discovery import Facts, Filters, judge
 from macvtapdp.errors import ConfigError
-from macvtapdp.rtnl import ARPHRD_ETHER, ARPHRD_LOOPBACK, IFF_LOOPBACK, IFF_UP, Link
+from macvtapdp.linux.netlink import ARPHRD_ETHER, IFF_LOOPBACK, IFF_UP, Link
+from macvtapdp.node import discovery
+from macvtapdp.node.discovery import Facts, Filters, judge
+
+ARPHRD_LOOPBACK = 772
 
 PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 ARPHRD_VOID = 0xFFFF  # teql
@@ -194,46 +198,48 @@ def test_split_takes_commas_and_spaces() -> None:
     assert discovery.split(["x,y", "z"]) == ("x", "y", "z")
 
 
-def test_filters_round_trip_through_options() -> None:
-    filters = Filters(include=("dv*", "e?"), exclude=("dvx",), kinds=("veth",))
-    argv = filters.argv()
-    p = entry._parser("reconcile", entry.RECONCILE_OPTIONS)
-    args = vars(p.parse_args(argv))
-    again, grace = entry.discovery_settings(
-        args["discover_include"], args["discover_exclude"], args["discover_kinds"], None, {}
+def test_filters_round_trip_through_the_reconcile_command_line() -> None:
+    node = settings.Node(
+        discovery=settings.Discovery(
+            discover_include=("dv*", "e?"), discover_exclude=("dvx",), discover_kinds=("veth",)
+        )
     )
-    assert again == filters and grace == discovery.DEFAULT_GRACE
+    again = settings.from_argv(settings.Node, settings.to_argv(node))
+    assert again == node
+    assert Filters.of(again.discovery) == Filters(
+        include=("dv*", "e?"), exclude=("dvx",), kinds=("veth",)
+    )
 
 
-def test_settings_fall_back_to_the_environment() -> None:
+def test_the_environment_sets_the_filters_as_run_reads_it() -> None:
     env = {
-        discovery.INCLUDE_VAR: "dv*,eth*",
-        discovery.EXCLUDE_VAR: "dvx",
-        discovery.KINDS_VAR: "veth bridge",
-        discovery.GRACE_VAR: "0.5",
+        settings.DISCOVER_INCLUDE.env or "": "dv*,eth*",
+        settings.DISCOVER_KINDS.env or "": "veth bridge",
+        settings.DISCOVER_GRACE.env or "": "0.5",
+        "DP_MACVTAP_CONF": "[]",
     }
-    filters, grace = entry.discovery_settings(None, None, None, None, env)
-    assert filters == Filters(include=("dv*", "eth*"), exclude=("dvx",), kinds=("veth", "bridge"))
-    assert grace == 0.5
-    filters, grace = entry.discovery_settings(["x*"], None, None, 2.0, env)
-    assert filters.include == ("x*",) and filters.kinds == ("veth", "bridge") and grace == 2.0
+    done = subprocess.run(
+        [sys.executable, "-m", "macvtapdp", "render-config"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    [reconcile] = [line for line in done.stdout.splitlines() if "macvtapdp.node.reconcile" in line]
+    argv = shlex.split(reconcile.removeprefix("command="))
+    node = settings.from_argv(settings.Node, argv[3:])
+    assert node.discovery == settings.Discovery(
+        discover_include=("dv*", "eth*"), discover_kinds=("veth", "bridge"), discover_grace=0.5
+    )
 
 
-@pytest.mark.parametrize("grace", ["-1", "soon", "nan", "inf"])
-def test_a_bad_grace_is_refused(grace: str) -> None:
-    with pytest.raises(ConfigError, match="--discover-grace"):
-        entry.discovery_settings(None, None, None, grace, {})
-
-
-def test_reconcile_front_ends_take_the_same_options() -> None:
-    """Like ``run`` and ``serve`` (test_cli), ``reconcile`` skips typer."""
-    group = typer.main.get_command(app)
-    params = group.commands["reconcile"].params  # type: ignore[attr-defined]
-    found = {p.opts[0]: p.envvar for p in params if p.param_type_name == "option"}
-    assert found == entry.RECONCILE_OPTIONS
-    parser = entry._parser("reconcile", entry.RECONCILE_OPTIONS)
-    flags = {a.option_strings[0] for a in parser._actions if a.option_strings} - {"-h"}
-    assert flags == set(entry.RECONCILE_OPTIONS)
+def test_no_more_than_the_resource_cap_is_offered() -> None:
+    links = [link(f"eth{i}", index=i + 2) for i in range(config.MAX_RESOURCES + 3)]
+    verdicts = discovery.classify(links, Filters(), PLUGIN_DIR, lambda n: PCI)
+    assert len(discovery.offered(verdicts)) == config.MAX_RESOURCES
+    left = [v for v in verdicts.values() if not v.offered]
+    assert len(left) == 3 and all(v.notable and "more than" in v.reason for v in left)
 
 
 def test_sysfs_facts(tmp_path: Path) -> None:

@@ -24,8 +24,10 @@ import typer.main
 import yaml
 from supervisor.options import ClientOptions
 
-from macvtapdp import config, macvtap, naming, supervisord
+from macvtapdp import config, naming, settings
 from macvtapdp.cli import app
+from macvtapdp.plugin import macvtap
+from macvtapdp.rundir import Layout
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -89,6 +91,8 @@ def cli_options(argv: list[str], env: dict[str, str], monkeypatch: pytest.Monkey
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    for s in (settings.METRICS_ADDRESS, settings.SWEEP_GRACE, settings.POD_RESOURCES_SOCKET):
+        monkeypatch.delenv(s.env or "", raising=False)
     ctx = group.commands[argv[1]].make_context(argv[1], argv[2:])
     return dict(ctx.params)
 
@@ -149,15 +153,15 @@ def test_plugin_mounts_what_the_code_uses(monkeypatch: pytest.MonkeyPatch) -> No
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
     used = cli_options(container_argv(container), container_env(container), monkeypatch)
 
-    assert used["run_dir"] == supervisord.DEFAULT_RUN_DIR
-    assert mounts[supervisord.DEFAULT_RUN_DIR]["emptyDir"] == {"medium": "Memory"}
+    assert used["run_dir"] == settings.DEFAULT_RUN_DIR
+    assert mounts[settings.DEFAULT_RUN_DIR]["emptyDir"] == {"medium": "Memory"}
 
     assert used["plugin_dir"] == naming.DEFAULT_PLUGIN_DIR
     plugin_dir = {"path": naming.DEFAULT_PLUGIN_DIR, "type": "Directory"}
     assert mounts[naming.DEFAULT_PLUGIN_DIR]["hostPath"] == plugin_dir
 
     # Allocate checks the host's /dev/tapN; the runtime's /dev is a copy made at start.
-    dev_dir = inspect.signature(macvtap.ensure).parameters["dev_dir"].default
+    dev_dir = inspect.signature(macvtap.Macvtaps).parameters["dev_dir"].default
     assert mounts[dev_dir]["hostPath"] == {"path": "/dev", "type": "Directory"}
 
 
@@ -182,7 +186,7 @@ def test_configuration_file_is_the_configmap_key(monkeypatch: pytest.MonkeyPatch
 
 def test_configmap_configuration_is_valid() -> None:
     conf = config.parse(only("ConfigMap")["data"][config.ENV_VAR])
-    assert [(r.name, r.master, r.mode, r.capacity) for r in conf.resources] == [
+    assert [(r.name, r.lower, r.mode, r.capacity) for r in conf.resources] == [
         ("eth0", "eth0", config.Mode.BRIDGE, 50)
     ]
 
@@ -215,7 +219,7 @@ def test_containerfile_installs_the_entrypoint_and_supervisorctl_config() -> Non
 def test_supervisorctl_finds_the_rendered_control_socket() -> None:
     options = ClientOptions()
     options.realize(args=["-c", str(ROOT / "etc" / "supervisord.conf")])
-    assert options.serverurl == supervisord.Layout().server_url
+    assert options.serverurl == Layout(settings.DEFAULT_RUN_DIR).server_url
 
 
 def test_image_version_is_the_project_version() -> None:

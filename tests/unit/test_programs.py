@@ -8,7 +8,6 @@ of a changed program.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,22 +16,25 @@ import shutil
 import signal
 import subprocess
 import sys
-import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
 import pytest
 from supervisor.options import ServerOptions
 
-from macvtapdp import config, programs, reconcile, supervisord
+from macvtapdp import config, settings
 from macvtapdp.config import Mode, Resource
-from macvtapdp.discovery import Facts, Filters
-from macvtapdp.rtnl import RTM_DELLINK, RTM_NEWLINK, Link
-from macvtapdp.supervisord import Layout
+from macvtapdp.errors import Refused, Unreachable
+from macvtapdp.linux.linkevents import DELLINK, NEWLINK
+from macvtapdp.linux.netlink import Link
+from macvtapdp.node import apply, programs, reconcile, render
+from macvtapdp.node.discovery import Facts, Filters
+from macvtapdp.node.wanted import WantedResources
+from macvtapdp.rundir import Layout
 
-BASE = ["/usr/local/bin/macvtapdp"]
 PLUGIN_DIR = "/p"
 PCI = Facts(device=True, bus="pci")
+NODE = settings.Node(plugin=settings.Plugin(plugin_dir=PLUGIN_DIR), metrics_address="")
 
 
 def group_configs(conf: str) -> dict[str, Any]:
@@ -42,22 +44,36 @@ def group_configs(conf: str) -> dict[str, Any]:
 
 
 class FakeSupervisor:
-    """supervisord's reloadConfig/stop/remove/addProcessGroup, on supervisor's parser."""
+    """supervisord's reloadConfig/stop/remove/addProcessGroup, on supervisor's parser.
+
+    The same interface as ``control.Supervisor``: ``call`` and ``processes``.
+    """
 
     def __init__(self, conf: str) -> None:
         self.conf = conf
         self.running = group_configs(conf)
+        self.stopped: set[str] = set()
         self.loaded = dict(self.running)
         self.calls: list[tuple[str, ...]] = []
         self.down = False
 
-    def _call(self, *call: str) -> None:
+    def _record(self, *call: str) -> None:
         if self.down:
-            raise ConnectionRefusedError(111, "Connection refused")
+            raise Unreachable("cannot reach supervisord: [Errno 111] Connection refused")
         self.calls.append(call)
 
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self, method)(*args)
+
+    def processes(self) -> list[dict[str, Any]]:
+        self._record("processes")
+        return [
+            {"name": n, "group": n, "statename": "STOPPED" if n in self.stopped else "RUNNING"}
+            for n in self.running
+        ]
+
     def reloadConfig(self) -> list[list[list[str]]]:
-        self._call("reloadConfig")
+        self._record("reloadConfig")
         self.loaded = group_configs(self.conf)
         added = [n for n in self.loaded if n not in self.running]
         removed = [n for n in self.running if n not in self.loaded]
@@ -67,28 +83,32 @@ class FakeSupervisor:
         return [[added, changed, removed]]
 
     def stopProcessGroup(self, name: str, wait: bool) -> list[object]:
-        self._call("stop", name)
+        assert not wait  # waiting would take supervisord's next 1 s poll per group
+        self._record("stop", name)
         if name not in self.running:
-            raise xmlrpc.client.Fault(10, f"BAD_NAME: {name}")
+            raise Refused(10, f"BAD_NAME: {name}")
+        self.stopped.add(name)
         return []
 
     def removeProcessGroup(self, name: str) -> bool:
-        self._call("remove", name)
+        self._record("remove", name)
         if name not in self.running:
-            raise xmlrpc.client.Fault(10, f"BAD_NAME: {name}")
+            raise Refused(10, f"BAD_NAME: {name}")
+        assert name in self.stopped, f"{name} removed while running"
         del self.running[name]
+        self.stopped.discard(name)
         return True
 
     def addProcessGroup(self, name: str) -> bool:
-        self._call("add", name)
+        self._record("add", name)
         if name in self.running:
-            raise xmlrpc.client.Fault(90, f"ALREADY_ADDED: {name}")
+            raise Refused(90, f"ALREADY_ADDED: {name}")
         self.running[name] = self.loaded[name]
         return True
 
     def touched(self) -> list[tuple[str, ...]]:
-        """Every call but reloadConfig."""
-        return [c for c in self.calls if c[0] != "reloadConfig"]
+        """Every call that changes something."""
+        return [c for c in self.calls if c[0] not in ("reloadConfig", "processes")]
 
 
 # -- program files -------------------------------------------------------------------------
@@ -96,27 +116,32 @@ class FakeSupervisor:
 
 def test_text_is_deterministic_and_changes_with_every_setting() -> None:
     res = Resource("a", "eth0")
-    text = programs.text(res, PLUGIN_DIR, BASE)
-    assert text == programs.text(Resource("a", "eth0"), PLUGIN_DIR, BASE)
+    text = programs.text(NODE, res)
+    assert text == programs.text(NODE, Resource("a", "eth0"))
     assert "[program:resource-a]" in text
     for other in (
         Resource("a", "eth1"),
         Resource("a", "eth0", Mode.VEPA),
         Resource("a", "eth0", capacity=7),
     ):
-        assert programs.text(other, PLUGIN_DIR, BASE) != text
-    assert programs.text(res, "/q", BASE) != text
+        assert programs.text(NODE, other) != text
+    assert (
+        programs.text(
+            settings.Node(plugin=settings.Plugin(plugin_dir="/q"), metrics_address=""), res
+        )
+        != text
+    )
 
 
 def test_write_creates_then_leaves_identical_files_alone(tmp_path: Path) -> None:
     layout = Layout(str(tmp_path))
     resources = [Resource("a", "eth0"), Resource("b", "eth1", Mode.VEPA, 3)]
-    written = programs.write(layout, resources, PLUGIN_DIR, BASE)
+    written = programs.write(layout, NODE, resources)
     assert written == programs.Written(created=("a", "b"))
     assert sorted(os.listdir(layout.programs_dir)) == ["resource-a.conf", "resource-b.conf"]
     path = Path(layout.programs_dir, "resource-a.conf")
     before = path.read_bytes(), os.stat(path).st_ino
-    again = programs.write(layout, list(reversed(resources)), PLUGIN_DIR, BASE)
+    again = programs.write(layout, NODE, list(reversed(resources)))
     assert not again.changed
     assert (path.read_bytes(), os.stat(path).st_ino) == before  # not even rewritten
     assert programs.current(layout) == {"a": resources[0], "b": resources[1]}
@@ -124,13 +149,13 @@ def test_write_creates_then_leaves_identical_files_alone(tmp_path: Path) -> None
 
 def test_write_updates_changed_and_deletes_unwanted_files(tmp_path: Path) -> None:
     layout = Layout(str(tmp_path))
-    programs.write(layout, [Resource("a", "eth0"), Resource("b", "eth1")], PLUGIN_DIR, BASE)
+    programs.write(layout, NODE, [Resource("a", "eth0"), Resource("b", "eth1")])
     stray = Path(layout.programs_dir, "resource-a.conf.999.tmp")
     stray.write_text("half")
     other = Path(layout.programs_dir, "someone-else.conf")
     other.write_text("; not ours\n")
     written = programs.write(
-        layout, [Resource("a", "eth0", Mode.VEPA), Resource("c", "eth2")], PLUGIN_DIR, BASE
+        layout, NODE, [Resource("a", "eth0", Mode.VEPA), Resource("c", "eth2")]
     )
     assert written == programs.Written(created=("c",), updated=("a",), deleted=("b",))
     assert not stray.exists() and other.exists()
@@ -148,24 +173,15 @@ def test_a_file_we_cannot_read_back_is_reported_as_unknown(tmp_path: Path) -> No
 
 
 def render_dynamic(layout: Layout) -> None:
-    text = supervisord.render(
-        config.parse("[]"),
-        plugin_dir=PLUGIN_DIR,
-        layout=layout,
-        base=BASE,
-        reconcile=[*BASE, "reconcile"],
-    )
-    Path(layout.conf).write_text(text)
+    Path(layout.conf).write_text(render.render(NODE, [], layout, dynamic=True))
 
 
 def test_supervisor_sees_only_the_changed_program_as_changed(tmp_path: Path) -> None:
     layout = Layout(str(tmp_path))
     render_dynamic(layout)
-    programs.write(layout, [Resource("a", "eth0"), Resource("b", "eth1")], PLUGIN_DIR, BASE)
+    programs.write(layout, NODE, [Resource("a", "eth0"), Resource("b", "eth1")])
     first = group_configs(layout.conf)
-    programs.write(
-        layout, [Resource("a", "eth0"), Resource("b", "eth1", Mode.VEPA)], PLUGIN_DIR, BASE
-    )
+    programs.write(layout, NODE, [Resource("a", "eth0"), Resource("b", "eth1", Mode.VEPA)])
     second = group_configs(layout.conf)
     assert set(first) == set(second) == {"reconcile", "watchdog", "resource-a", "resource-b"}
     assert first["resource-a"] == second["resource-a"]
@@ -186,49 +202,50 @@ def layout(tmp_path: Path) -> Layout:
 
 def test_apply_acts_like_supervisorctl_update_on_resources_only(layout: Layout) -> None:
     old = [Resource("a", "eth0"), Resource("b", "eth1"), Resource("c", "eth2")]
-    programs.write(layout, old, PLUGIN_DIR, BASE)
+    programs.write(layout, NODE, old)
     sup = FakeSupervisor(layout.conf)
     new = [Resource("a", "eth0"), Resource("b", "eth1", Mode.VEPA), Resource("d", "eth3")]
-    programs.write(layout, new, PLUGIN_DIR, BASE)
+    programs.write(layout, NODE, new)
     # someone edited the main file: the helper programs are not ours to restart
     Path(layout.conf).write_text(
         Path(layout.conf).read_text().replace("buffer_size=100", "buffer_size=99")
     )
-    lines = reconcile.apply(
+    lines = apply.apply(
         sup, {r.name: r for r in old}, {r.name: r for r in new}, {"c": "link eth2 gone"}
     )
+    # added first (nothing waits behind the stops), every stop at once, then the rest
     assert sup.touched() == [
+        ("add", "resource-d"),
         ("stop", "resource-c"),
-        ("remove", "resource-c"),
         ("stop", "resource-b"),
+        ("remove", "resource-c"),
         ("remove", "resource-b"),
         ("add", "resource-b"),
-        ("add", "resource-d"),
     ]
     assert lines == [
+        "added resource d: lower link eth3, mode bridge, 100 devices",
         "removed resource c (link eth2 gone)",
         "restarted resource b: mode bridge -> vepa",
-        "added resource d: lower link eth3, mode bridge, 100 devices",
     ]
 
 
 def test_apply_finishes_a_half_done_change(layout: Layout) -> None:
-    programs.write(layout, [Resource("a", "eth0")], PLUGIN_DIR, BASE)
+    programs.write(layout, NODE, [Resource("a", "eth0")])
     sup = FakeSupervisor(layout.conf)
-    programs.write(layout, [Resource("a", "eth0", capacity=5)], PLUGIN_DIR, BASE)
+    programs.write(layout, NODE, [Resource("a", "eth0", capacity=5)])
     del sup.running["resource-a"]  # stopped and removed, then the connection broke
-    lines = reconcile.apply(sup, {}, {"a": Resource("a", "eth0", capacity=5)})
+    lines = apply.apply(sup, {}, {"a": Resource("a", "eth0", capacity=5)})
     assert sup.touched() == [("add", "resource-a")]
     assert lines == ["added resource a: lower link eth0, mode bridge, 5 devices"]
 
 
 def test_difference_names_each_changed_setting() -> None:
     old = Resource("a", "eth0")
-    assert reconcile.difference(old, Resource("a", "eth1", Mode.VEPA, 4)) == (
+    assert apply.difference(old, Resource("a", "eth1", Mode.VEPA, 4)) == (
         "lower link eth0 -> eth1, mode bridge -> vepa, capacity 100 -> 4"
     )
-    assert reconcile.difference(old, old) == ""
-    assert reconcile.difference(None, old) == ""
+    assert apply.difference(old, old) == ""
+    assert apply.difference(None, old) == ""
 
 
 # -- the reconcile pass --------------------------------------------------------------------
@@ -254,16 +271,19 @@ class Node:
         self.links = links(*names)
         self.clock = Clock()
         self.sup = FakeSupervisor(layout.conf)
-        self.rec = reconcile.Reconciler(
-            layout,
+        self.wanted = WantedResources(
             PLUGIN_DIR,
-            BASE,
             config_file=config_file,
             filters=Filters(),
             grace=5.0,
-            connect=lambda: contextlib.nullcontext(self.sup),
             links=lambda: self.links,
             facts_of=lambda name: PCI,
+        )
+        self.rec = reconcile.Reconciler(
+            layout,
+            NODE,
+            self.wanted,
+            self.sup,  # type: ignore[arg-type]
             clock=self.clock,
         )
 
@@ -275,7 +295,7 @@ def started(
     layout: Layout, resources: list[Resource], *names: str, file: str | None = None
 ) -> Node:
     """As ``run`` leaves things: files written, supervisord running them."""
-    programs.write(layout, resources, PLUGIN_DIR, BASE)
+    programs.write(layout, NODE, resources)
     return Node(layout, file, *names)
 
 
@@ -324,13 +344,13 @@ def test_link_events_that_cannot_change_the_set_are_ignored(layout: Layout) -> N
     node = started(layout, [Resource("eth0", "eth0")], "eth0")
     node.rec.reconcile()
     [eth0] = node.links
-    assert not node.rec.relevant(RTM_NEWLINK, eth0)  # e.g. carrier lost: serve's business
-    assert not node.rec.relevant(RTM_NEWLINK, Link(index=50, name="mvt0", kind="macvtap"))
-    assert not node.rec.relevant(RTM_DELLINK, Link(index=50, name="mvt0", kind="macvtap"))
-    assert node.rec.relevant(RTM_NEWLINK, Link(index=51, name="eth9"))
-    assert node.rec.relevant(RTM_NEWLINK, Link(index=eth0.index, name="wan0"))  # renamed
-    assert node.rec.relevant(RTM_NEWLINK, Link(index=eth0.index, name="eth0", master_index=9))
-    assert node.rec.relevant(RTM_DELLINK, eth0)
+    assert not node.wanted.relevant(NEWLINK, eth0)  # e.g. carrier lost: serve's business
+    assert not node.wanted.relevant(NEWLINK, Link(index=50, name="mvt0", kind="macvtap"))
+    assert not node.wanted.relevant(DELLINK, Link(index=50, name="mvt0", kind="macvtap"))
+    assert node.wanted.relevant(NEWLINK, Link(index=51, name="eth9"))
+    assert node.wanted.relevant(NEWLINK, Link(index=eth0.index, name="wan0"))  # renamed
+    assert node.wanted.relevant(NEWLINK, Link(index=eth0.index, name="eth0", master_index=9))
+    assert node.wanted.relevant(DELLINK, eth0)
 
 
 def write_config(path: Path, resources: list[dict[str, Any]] | str) -> None:
@@ -366,12 +386,12 @@ def test_config_file_change_restarts_exactly_the_changed_resources(
     )
     node.rec.reconcile(file_event=True)
     assert node.sup.touched() == [
+        ("add", "resource-d"),
         ("stop", "resource-c"),
-        ("remove", "resource-c"),
         ("stop", "resource-b"),
+        ("remove", "resource-c"),
         ("remove", "resource-b"),
         ("add", "resource-b"),
-        ("add", "resource-d"),
     ]
     assert node.running() == ["resource-a", "resource-b", "resource-d"]
     for line in (
@@ -417,12 +437,12 @@ def test_config_file_in_discovery_mode_follows_links(layout: Layout, tmp_path: P
     node = started(layout, [Resource("a", "eth0")], "eth0", file=str(file))
     write_config(file, "[]")
     node.rec.reconcile(file_event=True)
-    assert node.rec.discovering
+    assert node.wanted.discovering
     # "a" was configured, not discovered: there is no link to wait for
     assert node.sup.touched() == [
+        ("add", "resource-eth0"),
         ("stop", "resource-a"),
         ("remove", "resource-a"),
-        ("add", "resource-eth0"),
     ]
     node.links = []  # a discovered resource does wait for its link
     node.rec.reconcile()
@@ -434,7 +454,7 @@ def test_supervisord_unreachable_fails_the_pass_and_the_next_one_catches_up(
 ) -> None:
     node = started(layout, [Resource("eth0", "eth0")], "eth0", "eth1")
     node.sup.down = True
-    with pytest.raises(OSError):
+    with pytest.raises(Unreachable):
         node.rec.reconcile()
     assert "eth1" in programs.current(layout)  # written, not yet applied
     node.sup.down = False
@@ -485,15 +505,10 @@ def test_reconcile_retries_while_supervisord_is_away_and_exits_0_on_sigterm(
     file = tmp_path / "config.json"
     write_config(file, [{"name": "a", "master": "eth0"}])
     run_dir = tmp_path / "run"
-    argv = [
-        sys.executable,
-        "-m",
-        "macvtapdp",
-        "reconcile",
-        f"--config-file={file}",
-        f"--run-dir={run_dir}",
-        "--plugin-dir=/p",
-    ]
+    node = settings.Node(
+        plugin=settings.Plugin(plugin_dir="/p", run_dir=str(run_dir)), config_file=str(file)
+    )
+    argv = render.node_argv("macvtapdp.node.reconcile", node)
     with subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:

@@ -12,7 +12,7 @@ from typing import Any
 
 from supervisor import poller, supervisord
 
-from macvtapdp.supervise import PromptSupervisor, WakefulPoller
+from macvtapdp.node.supervise import PromptSupervisor, WakefulPoller
 
 
 def test_supervisor_internals_are_the_ones_patched() -> None:
