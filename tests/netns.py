@@ -14,10 +14,12 @@ import json
 import os
 import secrets
 import subprocess
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 CLONE_NEWNET = 0x40000000
+MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -84,6 +86,25 @@ class NetNS:
                 yield
             finally:
                 _setns(home.fileno())
+
+    @contextlib.contextmanager
+    def sysfs(self) -> Iterator[str]:
+        """A sysfs mounted from inside the namespace: its view of /sys/class/net.
+
+        ``ip netns exec`` does the same for the programs it runs; a test thread
+        that only entered the namespace would otherwise see the host's /sys.
+        """
+        target = tempfile.mkdtemp(prefix="mdp-sys-")
+        with self.entered():
+            if _libc.mount(b"sysfs", target.encode(), b"sysfs", 0, None) != 0:
+                err = ctypes.get_errno()
+                os.rmdir(target)
+                raise OSError(err, f"mount sysfs: {os.strerror(err)}")
+        try:
+            yield target
+        finally:
+            _libc.umount2(target.encode(), MNT_DETACH)
+            os.rmdir(target)
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` wrapped to run inside the namespace (with its own /sys)."""

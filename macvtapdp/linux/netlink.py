@@ -150,6 +150,7 @@ class Netlink:
         self._timeout = timeout
         self._owner = LoopThread("netlink")
         self._ipr: Any = None
+        self._serial = asyncio.Lock()
         try:
             self._ipr = self._owner.call(self._open())
         except BaseException:
@@ -164,7 +165,8 @@ class Netlink:
 
     def _request(self, operation: str, make: Callable[[Any], Awaitable[T]]) -> T:
         async def run() -> T:
-            return await make(self._ipr)
+            async with self._serial:  # one request at a time: a dump cannot share the socket
+                return await make(self._ipr)
 
         try:
             return self._owner.call(run(), self._timeout)

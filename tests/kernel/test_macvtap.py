@@ -1,181 +1,247 @@
-"""ensure()/remove() against the real kernel and the real /dev/tapN."""
+"""A device's macvtap and its /dev/tapN, against the real kernel and the real /dev.
+
+/dev is one devtmpfs for every namespace on the kernel, and the session's
+``shared_machine`` fixture has planted stale nodes and another namespace's
+macvtaps at the numbers these tests would pick first.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
-import subprocess
-import sys
-import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from macvtapdp import naming
 from macvtapdp.config import Mode
-from macvtapdp.errors import AllocationError, LinkMissingError
-from macvtapdp.macvtap import Tap, ensure, remove
-from macvtapdp.rtnl import Rtnl
+from macvtapdp.errors import AllocationError, LinkMissingError, LowerLinkBusy
+from macvtapdp.linux.bpf import HIGH_INDEX
+from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.plugin.macvtap import Macvtaps, Tap, candidates, sysfs_rdev
 from tests import frames
 from tests.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 
-ROOT = Path(__file__).resolve().parents[2]
+DEV = "lw0Mvp0"
+IFNAME = naming.interface_name(DEV)
 
 
-def _shown(ns: NetNS, name: str) -> dict[str, object]:
+@dataclass
+class Side:
+    """One namespace with a lower link, and the plugin's view of it."""
+
+    ns: NetNS
+    netlink: Netlink
+    macvtaps: Macvtaps
+    sysfs: str
+
+    def lower(self, name: str = "lw0") -> Link:
+        link = self.netlink.link(name=name)
+        assert link is not None
+        return link
+
+    def ensure(
+        self, dev: str = DEV, mode: Mode = Mode.BRIDGE, lower: str = "lw0"
+    ) -> tuple[Tap, bool]:
+        return self.macvtaps.ensure(dev, naming.interface_name(dev), self.lower(lower), mode)
+
+
+@contextlib.contextmanager
+def side(ns: NetNS, dev_dir: str = "/dev") -> Iterator[Side]:
+    ns.veth("lw0")
+    with ns.sysfs() as sysfs, ns.entered():
+        netlink = Netlink()
+        try:
+            yield Side(ns, netlink, Macvtaps(netlink, dev_dir=dev_dir, sysfs=sysfs), sysfs)
+        finally:
+            netlink.close()
+
+
+@pytest.fixture
+def one(netns: NetNS) -> Iterator[Side]:
+    with side(netns) as s:
+        yield s
+
+
+def shown(ns: NetNS, name: str) -> dict[str, object]:
     found = ns.link(name)
     assert found is not None, f"{name} does not exist"
     return found
 
 
-def _assert_tap_of(tap: Tap, ns: NetNS, lower: str, mode: Mode) -> None:
+def assert_own_tap(tap: Tap, s: Side, lower: str = "lw0", mode: Mode = Mode.BRIDGE) -> None:
     """``tap`` is an up macvtap on ``lower`` in ``mode`` whose /dev node is its own."""
-    shown = ns.link(tap.ifname)
-    assert shown is not None
-    assert shown["linkinfo"]["info_kind"] == "macvtap"
-    assert shown["linkinfo"]["info_data"]["mode"] == mode.value
-    assert shown["link"] == lower and "UP" in shown["flags"]
-    assert tap.index == shown["ifindex"] and tap.path == f"/dev/tap{tap.index}"
+    link = shown(s.ns, tap.ifname)
+    assert link["linkinfo"]["info_kind"] == "macvtap"  # type: ignore[index]
+    assert link["linkinfo"]["info_data"]["mode"] == mode.value  # type: ignore[index]
+    assert link["link"] == lower and "UP" in link["flags"]  # type: ignore[operator]
+    assert tap.index == link["ifindex"] and tap.path == f"/dev/tap{tap.index}"
+    assert tap.index >= HIGH_INDEX
     node = os.stat(tap.path)
-    assert stat.S_ISCHR(node.st_mode)
-    owner = os.readlink(f"/sys/dev/char/{os.major(node.st_rdev)}:{os.minor(node.st_rdev)}")
-    assert owner.endswith(f"/net/{tap.ifname}/macvtap/tap{tap.index}")
+    assert stat.S_ISCHR(node.st_mode) and node.st_rdev == tap.rdev
+    assert sysfs_rdev(tap.ifname, tap.index, s.sysfs) == tap.rdev
 
 
-def test_creates_an_up_macvtap_with_the_lower_txqlen(netns: NetNS) -> None:
-    netns.veth("lw0")
-    netns.ip("link", "set", "lw0", "txqueuelen", "1234")
-    with netns.entered(), Rtnl() as rtnl:
-        tap, created = ensure(rtnl, "mvt0", "lw0", Mode.VEPA)
-        _assert_tap_of(tap, netns, "lw0", Mode.VEPA)
+def test_creates_an_up_macvtap_at_a_free_high_index(one: Side) -> None:
+    one.ns.ip("link", "set", "lw0", "txqueuelen", "1234")
+    tap, created = one.ensure(mode=Mode.VEPA)
     assert created
-    assert _shown(netns, "mvt0")["txqlen"] == 1234
+    assert_own_tap(tap, one, mode=Mode.VEPA)
+    link = shown(one.ns, IFNAME)
+    assert link["txqlen"] == 1234
+    assert link["altnames"] == [DEV]  # what released macvtap CNIs look the device up by
 
 
-def test_reuses_the_same_macvtap(netns: NetNS) -> None:
-    netns.veth("lw0")
-    with netns.entered(), Rtnl() as rtnl:
-        first, created = ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-        again, created_again = ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-        netns.ip("link", "set", "mvt0", "down")
-        once_more, _ = ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-        _assert_tap_of(once_more, netns, "lw0", Mode.BRIDGE)  # and up again
+def test_stale_and_foreign_nodes_are_skipped_never_touched(one: Side) -> None:
+    """The first numbers of this device hold someone's node (the session planted them)."""
+    first = candidates(DEV)[:3]
+    before = {n: os.lstat(f"/dev/tap{n}").st_rdev for n in first if os.path.lexists(f"/dev/tap{n}")}
+    assert before, "the shared_machine fixture planted nothing at this device's numbers"
+    tap, _ = one.ensure()
+    assert tap.index not in before
+    assert {n: os.lstat(f"/dev/tap{n}").st_rdev for n in before} == before
+    assert_own_tap(tap, one)
+
+
+def test_two_namespaces_with_the_same_configuration_get_their_own_devices(
+    netns: NetNS,
+) -> None:
+    """Two kind nodes on one host: the same device ID, each its own macvtap and node."""
+    other = NetNS()
+    try:
+        with side(netns) as a:
+            tap_a, _ = a.ensure("lower0Mvp3")
+            with side(other) as b:
+                tap_b, _ = b.ensure("lower0Mvp3")
+                assert_own_tap(tap_b, b)
+                assert_frames_pass(b, tap_b)  # frames written to it leave on its own link
+            assert_own_tap(tap_a, a)
+            assert_frames_pass(a, tap_a)
+            assert tap_a.path != tap_b.path and tap_a.rdev != tap_b.rdev
+    finally:
+        other.close()
+
+
+def assert_frames_pass(s: Side, tap: Tap) -> None:
+    tap_mac = str(shown(s.ns, tap.ifname)["address"])
+    peer_mac = str(shown(s.ns, "lw0p")["address"])
+    fd = frames.open_tap(tap.path)
+    try:
+        with frames.packet_socket("lw0p") as peer:
+            inbound = secrets.token_bytes(8)
+            peer.send(frames.frame(tap_mac, peer_mac, inbound))
+            got = frames.read_tap(fd, inbound)
+            outbound = secrets.token_bytes(8)
+            frames.write_tap(fd, frames.frame(peer_mac, tap_mac, outbound))
+            sent = frames.recv_packet(peer, outbound)
+    finally:
+        os.close(fd)
+    assert got[:6] == frames.mac_bytes(tap_mac) and got[6:12] == frames.mac_bytes(peer_mac)
+    assert sent[:6] == frames.mac_bytes(peer_mac) and sent[6:12] == frames.mac_bytes(tap_mac)
+
+
+def test_frames_pass_both_ways_through_dev_tap(one: Side) -> None:
+    tap, _ = one.ensure()
+    assert_frames_pass(one, tap)
+
+
+def test_reuses_the_same_macvtap_and_brings_it_up(one: Side) -> None:
+    first, created = one.ensure()
+    again, created_again = one.ensure()
+    one.ns.ip("link", "set", IFNAME, "down")
+    one.ns.ip("link", "property", "del", "dev", IFNAME, "altname", DEV)
+    once_more, _ = one.ensure()
     assert created and not created_again
     assert first == again == once_more
-    assert len(netns.macvtaps()) == 1
+    assert_own_tap(once_more, one)  # and up again
+    assert shown(one.ns, IFNAME)["altnames"] == [DEV]  # and its altname back
+    assert len(one.ns.macvtaps()) == 1
 
 
 @pytest.mark.parametrize(
     "squatter",
     [
-        ["link", "add", "mvt0", "link", "lw0", "type", "macvtap", "mode", "vepa"],
-        ["link", "add", "mvt0", "link", "lw1", "type", "macvtap", "mode", "bridge"],
-        ["link", "add", "mvt0", "type", "veth", "peer", "name", "mvt0p"],
+        ["link", "add", IFNAME, "link", "lw0", "type", "macvtap", "mode", "vepa"],
+        ["link", "add", IFNAME, "link", "lw1", "type", "macvtap", "mode", "bridge"],
+        ["link", "add", IFNAME, "type", "veth", "peer", "name", "sqp"],
+        # the right macvtap, but at a low index whose /dev/tapN is a stale node
+        ["link", "add", IFNAME, "index", "7", "link", "lw0", "type", "macvtap", "mode", "bridge"],
     ],
-    ids=["wrong-mode", "other-lower", "veth"],
+    ids=["wrong-mode", "other-lower", "veth", "foreign-node"],
 )
-def test_replaces_anything_else_of_that_name(netns: NetNS, squatter: list[str]) -> None:
-    netns.veth("lw0")
-    netns.veth("lw1")
-    netns.ip(*squatter)
-    before = _shown(netns, "mvt0")["ifindex"]
-    with netns.entered(), Rtnl() as rtnl:
-        tap, created = ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-        _assert_tap_of(tap, netns, "lw0", Mode.BRIDGE)
+def test_replaces_anything_else_of_that_name(one: Side, squatter: list[str]) -> None:
+    one.ns.veth("lw1")
+    one.ns.ip(*squatter)
+    before = shown(one.ns, IFNAME)["ifindex"]
+    tap, created = one.ensure()
     assert created and tap.index != before
-    assert [link["ifname"] for link in netns.macvtaps()] == ["mvt0"]
+    assert_own_tap(tap, one)
+    assert [link["ifname"] for link in one.ns.macvtaps()] == [IFNAME]
 
 
-def test_missing_lower_creates_nothing(netns: NetNS) -> None:
-    with netns.entered(), Rtnl() as rtnl, pytest.raises(LinkMissingError, match="nosuch0"):
-        ensure(rtnl, "mvt0", "nosuch0", Mode.BRIDGE)
-    assert netns.link("mvt0") is None and netns.macvtaps() == []
+def test_missing_lower_creates_nothing(one: Side) -> None:
+    lower = one.lower()
+    one.ns.ip("link", "del", "lw0")
+    with pytest.raises(LinkMissingError, match="lw0"):
+        one.macvtaps.ensure(DEV, IFNAME, lower, Mode.BRIDGE)
+    assert one.ns.macvtaps() == []
 
 
-def test_unfixable_node_leaves_nothing(netns: NetNS, tmp_path: Path) -> None:
-    """No node in ``dev_dir`` and no sysfs view of the namespace: fail, delete the macvtap."""
-    netns.veth("lw0")
-    name = f"mvt{secrets.token_hex(4)}"  # so that the host's /sys cannot show it
-    with netns.entered(), Rtnl() as rtnl, pytest.raises(AllocationError, match=name):
-        ensure(rtnl, name, "lw0", Mode.BRIDGE, dev_dir=str(tmp_path))
+def test_without_the_hosts_devtmpfs_it_fails_and_leaves_nothing(
+    netns: NetNS, tmp_path: Path
+) -> None:
+    """No node ever appears in ``dev_dir``: fail, delete the macvtap, make no node."""
+    with side(netns, dev_dir=str(tmp_path)) as s, pytest.raises(AllocationError, match=DEV):
+        s.ensure()
     assert netns.macvtaps() == [] and list(tmp_path.iterdir()) == []
 
 
-def test_remove_deletes_only_macvtaps(netns: NetNS) -> None:
-    netns.veth("lw0")
-    with netns.entered(), Rtnl() as rtnl:
-        ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-        assert remove(rtnl, "mvt0")
-        assert not remove(rtnl, "mvt0")
-        assert not remove(rtnl, "lw0")
-    assert netns.link("mvt0") is None and netns.link("lw0") is not None
+def test_the_kernel_owns_the_node_it_goes_with_the_macvtap(one: Side) -> None:
+    tap, _ = one.ensure()
+    assert os.path.exists(tap.path)
+    assert one.macvtaps.remove(IFNAME)
+    assert not os.path.lexists(tap.path)  # a node we had made with mknod would stay
 
 
-def test_frames_pass_both_ways_through_dev_tap(netns: NetNS) -> None:
-    netns.veth("lw0")
-    with netns.entered(), Rtnl() as rtnl:
-        tap, _ = ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-        tap_mac = str(_shown(netns, "mvt0")["address"])
-        peer_mac = str(_shown(netns, "lw0p")["address"])
-        fd = frames.open_tap(tap.path)
-        try:
-            with frames.packet_socket("lw0p") as peer:
-                inbound = secrets.token_bytes(8)
-                peer.send(frames.frame(tap_mac, peer_mac, inbound))
-                got = frames.read_tap(fd, inbound)
-                outbound = secrets.token_bytes(8)
-                frames.write_tap(fd, frames.frame(peer_mac, tap_mac, outbound))
-                sent = frames.recv_packet(peer, outbound)
-        finally:
-            os.close(fd)
-    assert got[:6] == frames.mac_bytes(tap_mac) and got[6:12] == frames.mac_bytes(peer_mac)
-    assert sent[:6] == frames.mac_bytes(peer_mac) and sent[6:12] == frames.mac_bytes(tap_mac)
+def test_remove_deletes_only_macvtaps(one: Side) -> None:
+    one.ensure()
+    assert one.macvtaps.remove(IFNAME)
+    assert not one.macvtaps.remove(IFNAME)
+    assert not one.macvtaps.remove("lw0")
+    assert one.ns.link(IFNAME) is None and one.ns.link("lw0") is not None
 
 
-# Runs under `ip netns exec`, whose private /sys shows the namespace's links,
-# so ensure() can read the tap's true device number and remake the node.
-_REPAIR = textwrap.dedent(
-    """
-    import os, stat
-    from macvtapdp.config import Mode
-    from macvtapdp.macvtap import ensure
-    from macvtapdp.rtnl import Rtnl
-
-    with Rtnl() as rtnl:
-        tap, _ = ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-        want = os.stat(tap.path).st_rdev
-        try:
-            os.unlink(tap.path)
-            missing = ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-            assert missing == (tap, False) and os.stat(tap.path).st_rdev == want
-            os.unlink(tap.path)
-            os.mknod(tap.path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's
-            foreign = ensure(rtnl, "mvt0", "lw0", Mode.BRIDGE)
-            assert foreign == (tap, False) and os.stat(tap.path).st_rdev == want
-        finally:
-            rtnl.delete(tap.index)
-            # devtmpfs removes only nodes it made itself: remove the one we made.
-            if os.path.exists(tap.path) and os.stat(tap.path).st_rdev == want:
-                os.unlink(tap.path)
-    print("repaired")
-    """
-)
+def test_a_passthru_lower_link_held_names_the_device_holding_it(one: Side) -> None:
+    one.ensure("lw0Mvp0", Mode.PASSTHRU)
+    with pytest.raises(LowerLinkBusy) as held:
+        one.ensure("lw0Mvp1", Mode.BRIDGE)
+    assert held.value.passthru and held.value.holder == "lw0Mvp0"
+    assert "held by the passthru macvtap of device lw0Mvp0" in str(held.value)
+    assert len(one.ns.macvtaps()) == 1
 
 
-def test_remakes_a_missing_or_foreign_dev_node(netns: NetNS) -> None:
-    netns.veth("lw0")
-    done = subprocess.run(
-        netns.argv([sys.executable, "-c", _REPAIR]),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "repaired"
-    remade = [line for line in done.stderr.splitlines() if "remade /dev/tap" in line]
-    assert len(remade) == 2, done.stderr
-    assert "missing" in remade[0] and "another device's" in remade[1]
+def test_a_passthru_macvtap_moved_into_a_pod_is_named_too(one: Side) -> None:
+    pod = NetNS()
+    try:
+        one.ensure("lw0Mvp0", Mode.PASSTHRU)
+        one.ns.ip("link", "set", IFNAME, "netns", pod.name)
+        with pytest.raises(LowerLinkBusy) as held:
+            one.ensure("lw0Mvp0", Mode.PASSTHRU)
+        assert held.value.passthru
+        assert "lw0Mvp0's own, still in a pod" in str(held.value)
+    finally:
+        pod.close()
+
+
+def test_a_bridge_port_is_busy(one: Side) -> None:
+    one.ns.ip("link", "add", "br0", "type", "bridge")
+    one.ns.ip("link", "set", "lw0", "master", "br0")
+    with pytest.raises(LowerLinkBusy, match="a port of a bridge"):
+        one.ensure()
+    assert one.ns.macvtaps() == []
