@@ -121,17 +121,20 @@ def follow_link(
     sock: socket.socket,
     name: str,
     index: int | None,
-    state: tuple[int, int | None] | None = None,
+    state: tuple[int, int | None, int] | None = None,
     *,
     flags_mask: int = 0x1 | 0x40 | 0x10000 | 0x20000,
     high_deletions: bool = False,
 ) -> None:
     """Pass only events of link ``index`` or of a link named ``name``.
 
-    With ``state`` = (flags, txqlen), events of ``index`` pass only if they
-    delete or rename the link, or change its flags in ``flags_mask`` (default:
-    IFF_UP, IFF_RUNNING, IFF_LOWER_UP, IFF_DORMANT) or its txqlen: a macvtap
-    made on the link is an event of the link that changes none of them. Call
+    With ``state`` = (flags, txqlen, message length), events of ``index``
+    pass only if they delete or rename the link, change its flags in
+    ``flags_mask`` (default: IFF_UP, IFF_RUNNING, IFF_LOWER_UP, IFF_DORMANT) or
+    its txqlen, or differ in length: a bridge or bond taking the link as a port
+    adds IFLA_MASTER (and may change no flag), while a macvtap made on the link
+    is an event of the link that changes none of these. The length is the last
+    event's (a request's answer may differ: then one more event passes). Call
     again when the followed link changes; a link created with the name passes
     by name before that.
     ``high_deletions``: also pass RTM_DELLINK of any index >= ``HIGH_INDEX``
@@ -154,7 +157,9 @@ def follow_link(
         if state is None:
             p.jump("accept")
         else:
-            flags, txqlen = state
+            flags, txqlen, size = state
+            p.load(0)  # nlmsg_len
+            p.jump_unless(struct.pack("=I", size), "accept")
             p.load(_NLMSG_TYPE)
             p.mask(b"\xff\xff\0\0")
             p.jump_if(struct.pack("=HH", RTM_DELLINK, 0), "accept")

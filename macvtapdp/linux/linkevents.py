@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 RTMGRP_LINK = 0x1
 NEWLINK, DELLINK = "RTM_NEWLINK", "RTM_DELLINK"
 _RCVBUF = 4 << 20
+MAX_QUEUED = 10_000  # a consumer this far behind re-reads what it follows instead
 _LOST = object()
 
 
@@ -36,7 +37,8 @@ class LinkEvents:
     """Every RTM_NEWLINK and RTM_DELLINK of this network namespace, queued."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[str, Link] | object] = queue.SimpleQueue()
+        self._queue: queue.Queue[tuple[str, Link] | object] = queue.Queue(MAX_QUEUED)
+        self._overflow = False
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._owner = LoopThread("linkevents")
         self._ipr: Any = None
@@ -63,6 +65,8 @@ class LinkEvents:
             try:
                 async for msg in self._ipr.get():
                     event = msg.get("event")
+                    if msg.get("family") not in (None, 0):
+                        continue  # AF_BRIDGE port messages: a port leaving is no deletion
                     if event in (NEWLINK, DELLINK) and (link := parse(msg)) is not None:
                         self._put((event, link))
             except asyncio.CancelledError:
@@ -79,7 +83,10 @@ class LinkEvents:
                 self._put(_LOST)
 
     def _put(self, item: object) -> None:
-        self._queue.put(item)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._overflow = True  # as the kernel's ENOBUFS: the consumer must resync
         with contextlib.suppress(BlockingIOError):  # already readable
             os.write(self._w, b"\0")
 
@@ -97,7 +104,7 @@ class LinkEvents:
         with contextlib.suppress(BlockingIOError):
             os.read(self._r, 4096)
         events: list[tuple[str, Link]] = []
-        lost = False
+        lost, self._overflow = self._overflow, False
         broken: BaseException | None = None
         while True:
             try:
@@ -120,7 +127,7 @@ class LinkEvents:
         self,
         name: str,
         index: int | None,
-        state: tuple[int, int | None] | None = None,
+        state: tuple[int, int | None, int] | None = None,
         *,
         flags_mask: int,
         high_deletions: bool = False,

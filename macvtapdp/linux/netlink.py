@@ -56,6 +56,7 @@ class Link:
     altnames: tuple[str, ...] = ()  # IFLA_PROP_LIST / IFLA_ALT_IFNAME
     new_netnsid: int | None = None  # RTM_DELLINK of a move to another netns
     new_index: int | None = None  # ... and the ifindex it has there
+    size: int = 0  # the message's length: an attribute added or dropped changes it
 
     @property
     def admin_up(self) -> bool:
@@ -101,6 +102,7 @@ def parse(msg: Any) -> Link | None:
         altnames=altnames,
         new_netnsid=msg.get("IFLA_NEW_NETNSID"),
         new_index=msg.get("IFLA_NEW_IFINDEX"),
+        size=int(msg["header"].get("length") or 0),
     )
 
 

@@ -66,11 +66,12 @@ class LinkState:
 
     @property
     def key(self) -> tuple[int, int, int | None, int | None] | None:
-        """What a change of must be reported (and what the kernel filter is set for)."""
+        """What a change of must be reported."""
         link = self.link
         if link is None:
             return None
         return (link.index, link.flags & FOLLOWED_FLAGS, link.txqlen, link.master_index)
+
 
     def describe(self) -> str:
         """A few words for logs and status: "up", "down (admin)", "missing", ..."""
@@ -108,6 +109,7 @@ class LinkWatcher:
         self._thread: threading.Thread | None = None
         self._wake: int | None = None  # write end of the self-pipe that stops the thread
         self._filtered: object = _UNFILTERED
+        self._event_size = 0  # length of the last event of the followed link
         self._report_lock = threading.Lock()
 
     @property
@@ -208,9 +210,9 @@ class LinkWatcher:
         of a new index, flags back to the old value) can be missed: re-reading
         the link catches it.
         """
-        while self._filtered != self._state.key:
-            self._filtered = key = self._state.key
-            state = (key[1], key[2]) if key else None
+        while self._filtered != self._filter_key():
+            self._filtered = key = self._filter_key()
+            state = (key[1], key[2], key[3]) if key else None
             events.only(
                 self.name,
                 key[0] if key else None,
@@ -220,9 +222,21 @@ class LinkWatcher:
             )
             self._report(self._read())
 
+    def _filter_key(self) -> tuple[int, int, int | None, int] | None:
+        """What the kernel filter is set for: index, flags and txqlen, and the event size.
+
+        The size is the last *event's*: a request's answer may be longer or
+        shorter than the kernel's notifications.
+        """
+        link = self._state.link
+        if link is None:
+            return None
+        return (link.index, link.flags & FOLLOWED_FLAGS, link.txqlen, self._event_size)
+
     def _next(self, kind: str, link: Link) -> LinkState:
         """The state after one event; links are followed by name, across new ifindexes."""
         if kind == NEWLINK and link.name == self.name:
+            self._event_size = link.size
             return LinkState(link)
         current = self._state.link
         if current is not None and link.index == current.index:  # deleted, or renamed away
@@ -240,7 +254,7 @@ class LinkWatcher:
     def _report(self, state: LinkState, *, initial: bool = False) -> None:
         with self._report_lock:
             old = self._state
-            self._state = state
+            self._state = state  # the newest message, even if nothing we report changed
             if initial or state.key != old.key or state.describe() != old.describe():
                 try:
                     self._on_change(state)

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from macvtapdp.linkwatch import LinkState, LinkWatcher
+from macvtapdp.linux import linkevents
+from macvtapdp.linux.bpf import HIGH_INDEX
+from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.plugin.linkwatch import LinkState, LinkWatcher
 from tests.netns import NetNS
 
 pytestmark = pytest.mark.kernel
@@ -50,12 +53,28 @@ class Recorder:
                 return state
 
 
-def _start(ns: NetNS, recorder: Recorder) -> LinkWatcher:
-    """A watcher of lw0 started in ``ns`` (so its sockets and thread live there)."""
-    watcher = LinkWatcher("lw0", recorder)
-    with ns.entered():
-        watcher.start()
-    return watcher
+class Watched:
+    """A watcher of lw0 started in a namespace (so its sockets and threads live there)."""
+
+    def __init__(self, ns: NetNS, recorder: Recorder, gone: list[Link] | None = None) -> None:
+        with ns.entered():
+            self.netlink = Netlink()
+            self.watcher = LinkWatcher(
+                "lw0", self.netlink, recorder, None if gone is None else gone.append
+            )
+            self.watcher.start()
+
+    @property
+    def state(self) -> LinkState:
+        return self.watcher.state
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.netlink.close()
+
+
+def _start(ns: NetNS, recorder: Recorder, gone: list[Link] | None = None) -> Watched:
+    return Watched(ns, recorder, gone)
 
 
 def _change(recorder: Recorder, action: Callable[[], object], describe: str) -> LinkState:
@@ -83,12 +102,12 @@ def test_follows_every_transition(netns: NetNS) -> None:
             lambda: ip("link", "set", "lw0p", "down"),
             "no carrier (operstate lowerlayerdown)",
         )
-        assert lost.admin_up and not lost.healthy
+        assert lost.link is not None and lost.link.admin_up and not lost.healthy
         _change(recorder, lambda: ip("link", "set", "lw0p", "up"), "up")
         gone = _change(recorder, lambda: ip("link", "del", "lw0"), "missing")
-        assert gone == LinkState(present=False) and not gone.healthy
+        assert gone == LinkState() and not gone.healthy
         back = _change(recorder, lambda: netns.veth("lw0"), "up")
-        assert back.healthy and back.index != first.index
+        assert back.healthy and back.link and first.link and back.link.index != first.link.index
         _change(recorder, lambda: ip("link", "set", "lw0", "down"), "down (admin)")
         _change(recorder, lambda: ip("link", "set", "lw0", "name", "lwx"), "missing")
         _change(recorder, lambda: ip("link", "set", "lwx", "name", "lw0"), "down (admin)")
@@ -96,7 +115,7 @@ def test_follows_every_transition(netns: NetNS) -> None:
         assert watcher.state == recorder.seen[-1]
     finally:
         watcher.stop()
-    assert all(a != b for a, b in zip(recorder.seen, recorder.seen[1:], strict=False))
+    assert all(a.key != b.key for a, b in zip(recorder.seen, recorder.seen[1:], strict=False))
 
 
 def test_a_link_that_appears_later(netns: NetNS) -> None:
@@ -110,27 +129,63 @@ def test_a_link_that_appears_later(netns: NetNS) -> None:
         watcher.stop()
 
 
-def test_leaving_a_bridge_is_not_a_deletion(netns: NetNS) -> None:
-    """The AF_BRIDGE RTM_DELLINK sent for a leaving port must not read as "missing"."""
+def test_a_port_of_a_bridge_is_unhealthy_until_released(netns: NetNS) -> None:
+    """The kernel refuses a macvtap on a bridge port (EBUSY): its devices are Unhealthy.
+    The AF_BRIDGE RTM_DELLINK sent for a leaving port must not read as "missing"."""
     netns.veth("lw0")
     netns.ip("link", "add", "br0", "type", "bridge")
     recorder = Recorder()
     watcher = _start(netns, recorder)
     try:
-        netns.ip("link", "set", "lw0", "master", "br0")
-        netns.ip("link", "set", "lw0", "nomaster")
+        busy = recorder.until(lambda s: True, timeout=0)
+        busy = _change(
+            recorder,
+            lambda: netns.ip("link", "set", "lw0", "master", "br0"),
+            f"a port of a bridge (index {netns.link('br0')['ifindex']}): busy",  # type: ignore[index]
+        )
+        assert not busy.healthy and busy.enslaved
+        released = _change(recorder, lambda: netns.ip("link", "set", "lw0", "nomaster"), "up")
+        assert released.healthy
         _change(recorder, lambda: netns.ip("link", "set", "lw0", "down"), "down (admin)")
     finally:
         watcher.stop()
     assert all(state.present for state in recorder.seen)
 
 
+def test_sees_its_macvtaps_leave_deleted_or_moved(netns: NetNS) -> None:
+    """High-numbered macvtaps' RTM_DELLINK reach on_gone, with where they went."""
+    pod = NetNS()
+    netns.veth("lw0")
+    gone: list[Link] = []
+    recorder = Recorder()
+    watched = _start(netns, recorder, gone)
+    try:
+        for n, name in enumerate(("mvtmoved", "mvtdeleted", "mvtlow")):
+            index = [] if name == "mvtlow" else ["index", str(HIGH_INDEX + 100 + n)]
+            netns.ip("link", "add", "link", "lw0", "name", name, *index, "type", "macvtap")
+        netns.ip("link", "set", "mvtmoved", "netns", pod.name)
+        netns.ip("link", "del", "mvtdeleted")
+        netns.ip("link", "del", "mvtlow")
+        deadline = time.monotonic() + SANITY
+        while len(gone) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+    finally:
+        watched.stop()
+        pod.close()
+    by_name = {link.name: link for link in gone}
+    assert set(by_name) == {"mvtmoved", "mvtdeleted"}
+    assert by_name["mvtmoved"].new_netnsid is not None
+    assert by_name["mvtdeleted"].new_netnsid is None
+
+
 def test_resyncs_after_dropped_events(
-    netns: NetNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    netns: NetNS, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     netns.veth("lw0")
+    monkeypatch.setattr(linkevents, "MAX_QUEUED", 100)
     # enough events of the followed link itself (the kernel filter drops the
-    # others) to overflow the watcher's socket buffer
+    # others) to overflow what the watcher queues while it is stalled
     flood = tmp_path / "flood"
     flood.write_text("link set lw0 down\nlink set lw0 up\n" * 3000)
     recorder = Recorder()
@@ -140,10 +195,13 @@ def test_resyncs_after_dropped_events(
         netns.ip("link", "set", "lw0", "down")
         netns.ip("-batch", str(flood))
         netns.ip("link", "set", "lw0", "up")
-        netns.ip("link", "set", "lw0p", "down")  # the final state, only a resync can see
-        with caplog.at_level(logging.WARNING, logger="macvtapdp.linkwatch"):
+        netns.ip("link", "set", "lw0", "name", "lwz")  # the final state, after the flood
+        with caplog.at_level(logging.WARNING, logger="macvtapdp.plugin.linkwatch"):
             recorder.open.set()
-            recorder.until(lambda s: s.describe().startswith("no carrier"), timeout=5)
+            recorder.until(lambda s: s.describe() == "missing", timeout=5)
+            deadline = time.monotonic() + 5
+            while "link events were dropped" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
     finally:
         recorder.open.set()
         watcher.stop()
@@ -153,14 +211,17 @@ def test_resyncs_after_dropped_events(
 def test_stop_is_fast_and_leaves_nothing_behind(netns: NetNS) -> None:
     netns.veth("lw0")
     fds, threads = set(os.listdir("/proc/self/fd")), set(threading.enumerate())
-    watcher = _start(netns, Recorder())
-    (thread,) = set(threading.enumerate()) - threads
-    # It inherited the namespace start() was called in, so it can resubscribe there.
-    in_ns = os.stat(f"/proc/self/task/{thread.native_id}/ns/net").st_ino
-    assert in_ns == os.stat(f"/run/netns/{netns.name}").st_ino
+    watched = _start(netns, Recorder())
+    started_threads = set(threading.enumerate()) - threads
+    assert {t.name for t in started_threads} == {"netlink", "linkevents", "linkwatch-lw0"}
+    # They inherited the namespace start() was called in, so they can resubscribe there.
+    for thread in started_threads:
+        in_ns = os.stat(f"/proc/self/task/{thread.native_id}/ns/net").st_ino
+        assert in_ns == os.stat(f"/run/netns/{netns.name}").st_ino
     started = time.monotonic()
-    watcher.stop()
+    watched.watcher.stop()
     assert time.monotonic() - started < SANITY / 2
+    watched.netlink.close()
     assert set(threading.enumerate()) == threads
     assert set(os.listdir("/proc/self/fd")) == fds
-    watcher.stop()  # again: nothing to do
+    watched.watcher.stop()  # again: nothing to do
