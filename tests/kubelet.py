@@ -737,6 +737,8 @@ class FakeKubelet:
         if isinstance(devices, int) and devices < 1:
             raise ValueError("admit at least one device")
         with self._cond:
+            if self._server is None:
+                raise KubeletError("fake kubelet: not running")
             entry = self._lookup_pod(pod, namespace)
             if entry is None:
                 entry = self._new_pod(pod, namespace)
@@ -769,6 +771,8 @@ class FakeKubelet:
         ``ContainerStartError`` when the start fails; every attempt is in ``starts``.
         """
         with self._cond:
+            if self._server is None:
+                raise KubeletError("fake kubelet: not running")
             entry = self._find_pod(pod, namespace)
             if not entry.active:
                 raise ContainerStartError(f"fake kubelet: pod {namespace}/{pod} is not active")

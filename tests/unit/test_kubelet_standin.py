@@ -821,6 +821,9 @@ def test_pods_outlive_a_kubelet_restart(
     assert [d.host_path for d in started.devices] == ["/dev/null"]
     assert started.pre_started == () and plugin.pre_start_requests == []
     assert kubelet.allocated(RESOURCE) == {"a"}
+    kubelet.stop()  # a dead kubelet starts nothing
+    with pytest.raises(KubeletError, match="not running"):
+        kubelet.start_container("p1", "app")
 
 
 def test_add_pod_holds_devices_without_allocate(
