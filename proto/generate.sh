@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate macvtapdp/api/ from proto/. The generator must not be newer than the
+# Regenerate macvtapdp/api/ from proto/: the device plugin API (v1beta1) and the
+# PodResources API (podresources/v1). The generator must not be newer than the
 # lowest grpcio/protobuf runtime pyproject.toml allows: the generated modules
 # check both at import time (grpcio-tools 1.85.x emits protobuf 7.35 gencode).
 # Usage: proto/generate.sh [OUTPUT_ROOT]   (default: the repository root)
@@ -9,4 +10,5 @@ out=${1:-$(dirname "$here")}
 python -m grpc_tools.protoc -I "$here" \
   --python_out="$out" --grpc_python_out="$out" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
-  "$here/macvtapdp/api/v1beta1/api.proto"
+  "$here/macvtapdp/api/v1beta1/api.proto" \
+  "$here/macvtapdp/api/podresources/v1/api.proto"

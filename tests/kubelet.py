@@ -17,27 +17,60 @@ macvtapdp: only the generated Device Plugin API v1beta1 code is shared. What it 
 - The newest registration of a resource wins; the replaced client is closed and its late stream
   end is ignored (clients keyed by resource *and* socket, kubernetes PR #135437).
 - ``allocate``: one ``ContainerAllocateRequest`` per call, no deadline (``endpoint.allocate``).
+- ``order="legacy"`` is kubelet 1.20 instead (``Register`` -> ``go m.addEndpoint(r)``): Register
+  is answered at once after the two checks, the dial happens afterwards (its failure is only
+  logged), the options are ``RegisterRequest.options`` and ``GetDevicePluginOptions`` is never
+  called; a replaced endpoint is not closed, and its snapshots still update the resource
+  (``callback`` is keyed by resource name), though its stream end no longer matters.
+
+Pods and containers, as the device manager and the runtime see them:
+
+- ``admit``: ``allocateContainerResources`` for one (container, resource): free devices stale
+  pods hold first (``UpdateAllocatedDevices``), reuse the cached answer if the container already
+  has its devices, else pick healthy unallocated devices (``GetPreferredAllocation`` first if the
+  options offer it), one Allocate, and keep ``ContainerResponses[0]`` (the checkpoint's
+  ``AllocResp``). A failed admission rejects the pod (not active any more).
+- ``start_container``: ``GetDeviceRunContainerOptions`` at every start, restarts included:
+  ``PreStartContainer`` (30 s) for each resource whose endpoint options say
+  ``pre_start_required``, the cached responses merged (first device/mount per container path,
+  first env/annotation per key), then containerd's ``WithDevices``: each ``host_path`` stat'ed
+  (symlinks followed) at that moment; a missing path or one that is not a device node fails the
+  start. Allocate is not called again.
+- No Deallocate: a removed or finished pod's devices are freed by the next
+  ``UpdateAllocatedDevices`` (at admission and at PodResources ``List``), silently.
+- Pods and allocations outlive ``restart()`` (API server + checkpoint); endpoints do not.
+
+PodResources v1 (``pod_resources_socket``), as ``server_v1.go``: ``List`` (active pods; one
+``ContainerDevices`` per device ID), ``GetAllocatableResources`` (healthy devices of every
+resource, allocated or not, one per ID), ``Get`` (any pod the kubelet still knows; a Go error,
+so code UNKNOWN, when there is none). Optional rate limit as ``grpc/ratelimit.go``.
 
 Tests read per-resource ``ResourceState`` snapshots and block on ``wait_for``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Literal, TypeVar
 
 import grpc
 
+from macvtapdp.api.podresources.v1 import api_pb2 as pr_pb2
+from macvtapdp.api.podresources.v1 import api_pb2_grpc as pr_grpc
 from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,6 +82,15 @@ HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 DIAL_TIMEOUT = 10.0  # CLI dial: context.WithTimeout(10 * time.Second)
 PRE_START_TIMEOUT = 30.0  # KCONST KubeletPreStartContainerRPCTimeoutInSecs
+POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"  # PRS constants.go
+POD_RESOURCES_QPS = 100.0  # PRS grpc/ratelimit.go DefaultQPS
+POD_RESOURCES_BURST = 10  # PRS grpc/ratelimit.go DefaultBurstTokens
+RATE_LIMITED = "rejected by rate limit"  # PRS grpc/ratelimit.go ErrorLimitExceeded
+OPTIONS_FROM_PLUGIN = "GetDevicePluginOptions"  # order="sync": kubelet >= 1.25
+OPTIONS_FROM_REGISTER = "RegisterRequest"  # order="legacy": kubelet 1.20
+
+Order = Literal["sync", "legacy"]
+_T = TypeVar("_T")
 
 _DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS1123_SUBDOMAIN = re.compile(rf"{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*")
@@ -111,6 +153,14 @@ class KubeletError(Exception):
     """A refusal the kubelet itself makes (bad Register, stopped endpoint, empty answer)."""
 
 
+class AdmissionError(KubeletError):
+    """The pod was rejected at admission (``UnexpectedAdmissionError``); it is not active."""
+
+
+class ContainerStartError(KubeletError):
+    """The container did not start (PreStartContainer failed, or the runtime refused a device)."""
+
+
 @dataclass(frozen=True)
 class ResourceState:
     """What the kubelet knows of one resource at one moment. Treat as read-only."""
@@ -119,7 +169,10 @@ class ResourceState:
     connected: bool = False  # that endpoint's ListAndWatch has not ended
     devices: dict[str, str] = field(default_factory=dict)  # latest snapshot: ID -> health
     endpoint: str | None = None  # socket file name of the current endpoint
-    options: api_pb2.DevicePluginOptions | None = None  # GetDevicePluginOptions' answer
+    # The options the endpoint is used with: GetDevicePluginOptions' answer (order="sync"), or
+    # RegisterRequest.options (order="legacy"; None if the request had none).
+    options: api_pb2.DevicePluginOptions | None = None
+    options_source: str | None = None  # OPTIONS_FROM_PLUGIN or OPTIONS_FROM_REGISTER
     register_count: int = 0  # successful registrations, over all kubelet instances
     stopped_at: float | None = None  # time.monotonic() of the disconnect
 
@@ -143,8 +196,10 @@ class Registration:
     resource_name: str
     options: api_pb2.DevicePluginOptions | None
     time: float  # time.monotonic() on arrival
-    error: str | None = None
-    done: bool = False
+    error: str | None = None  # the Register error the plugin got
+    done: bool = False  # Register answered
+    # order="legacy": the dial after the answer failed (the plugin never learns).
+    connect_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +210,178 @@ class Event:
     kind: str
     resource: str
     detail: str
+
+
+@dataclass(frozen=True)
+class StartedDevice:
+    """One device node as the runtime put it in a container's OCI spec (``linux.devices``)."""
+
+    container_path: str
+    host_path: str  # the DeviceSpec's, as given
+    permissions: str  # the device cgroup rule's access, as given ("rw", "rwm", ...)
+    type: str  # "c" or "b", from the node stat'ed at start
+    major: int
+    minor: int
+
+
+@dataclass(frozen=True)
+class ContainerStart:
+    """One start of a container (first start or restart), and what it got."""
+
+    pod: str
+    namespace: str
+    container: str
+    attempt: int  # 0 for the first start, then one more per start attempt
+    time: float  # time.monotonic()
+    devices: tuple[StartedDevice, ...] = ()
+    envs: Mapping[str, str] = field(default_factory=dict)
+    mounts: tuple[api_pb2.Mount, ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    pre_started: tuple[str, ...] = ()  # resources PreStartContainer was called for, in order
+    error: str | None = None  # None: started
+
+
+@dataclass(frozen=True)
+class PodResourcesCall:
+    """One call the PodResources server received: method name and the status it answered."""
+
+    time: float
+    method: str  # "List", "GetAllocatableResources" or "Get"
+    code: grpc.StatusCode
+
+
+@dataclass
+class _Pod:
+    """A pod the kubelet knows (its pod manager), by UID."""
+
+    uid: str
+    name: str
+    namespace: str
+    containers: list[str] = field(default_factory=list)  # spec order
+    active: bool = True  # GetActivePods: not Succeeded/Failed/rejected
+    starts: dict[str, int] = field(default_factory=dict)  # container -> start attempts
+
+
+@dataclass
+class _Assignment:
+    """A ``podDevices`` entry: one (pod, container, resource), as the checkpoint keeps it."""
+
+    device_ids: list[str]
+    response: api_pb2.ContainerAllocateResponse
+
+
+class _TokenBucket:
+    """``golang.org/x/time/rate.Limiter``'s ``Allow``: ``burst`` tokens, refilled at ``qps``."""
+
+    def __init__(self, qps: float, burst: int) -> None:
+        self._qps, self._burst = qps, burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(float(self._burst), self._tokens + (now - self._last) * self._qps)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            return False
+
+
+class _PodResourcesServicer(pr_grpc.PodResourcesListerServicer):
+    def __init__(self, kubelet: FakeKubelet) -> None:
+        self._kubelet = kubelet
+
+    def List(
+        self, request: pr_pb2.ListPodResourcesRequest, context: grpc.ServicerContext
+    ) -> pr_pb2.ListPodResourcesResponse:
+        return self._kubelet._pod_resources_call("List", context, self._kubelet._list_pods)
+
+    def GetAllocatableResources(
+        self, request: pr_pb2.AllocatableResourcesRequest, context: grpc.ServicerContext
+    ) -> pr_pb2.AllocatableResourcesResponse:
+        kubelet = self._kubelet
+        return kubelet._pod_resources_call(
+            "GetAllocatableResources", context, kubelet._allocatable_resources
+        )
+
+    def Get(
+        self, request: pr_pb2.GetPodResourcesRequest, context: grpc.ServicerContext
+    ) -> pr_pb2.GetPodResourcesResponse:
+        kubelet = self._kubelet
+        return kubelet._pod_resources_call(
+            "Get", context, lambda: kubelet._get_pod(request.pod_name, request.pod_namespace)
+        )
+
+
+class _Abort(Exception):
+    """A PodResources handler's Go error: answered with ``code`` and ``details``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+def _run_container_options(
+    responses: Sequence[api_pb2.ContainerAllocateResponse],
+) -> tuple[dict[str, str], tuple[api_pb2.Mount, ...], dict[str, str], list[api_pb2.DeviceSpec]]:
+    """``deviceRunContainerOptions``: the cached responses of a container's resources merged;
+    the first device and mount per container path and the first env and annotation per key
+    win (the kubelet logs the conflicts and goes on)."""
+    envs: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    mounts: dict[str, api_pb2.Mount] = {}
+    devices: dict[str, api_pb2.DeviceSpec] = {}
+    for response in responses:
+        for key, value in response.envs.items():
+            envs.setdefault(key, value)
+        for spec in response.devices:
+            devices.setdefault(spec.container_path, spec)
+        for mount in response.mounts:
+            mounts.setdefault(mount.container_path, mount)
+        for key, value in response.annotations.items():
+            annotations.setdefault(key, value)
+    return envs, tuple(mounts.values()), annotations, list(devices.values())
+
+
+def _device_from_spec(spec: api_pb2.DeviceSpec) -> StartedDevice:
+    """containerd's ``WithDevices`` for one DeviceSpec: ``os.Stat`` the host path, follow
+    symlinks, take type and (major, minor) from the node as it is now.
+
+    Stricter than containerd for two kinds of path no device plugin means in a DeviceSpec: a
+    directory (containerd would add every device node under it) and a FIFO (containerd would
+    add it as type "p") are refused here.
+    """
+    path, target = spec.host_path, spec.container_path
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        reason = os.strerror(err.errno).lower() if err.errno else str(err)
+        raise ContainerStartError(f"error stating device path: stat {path}: {reason}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ContainerStartError(
+            f"fake kubelet: device path {_go_quote(path)} is a directory "
+            "(containerd would pass every device node under it)"
+        )
+    if stat.S_ISCHR(info.st_mode):
+        kind = "c"
+    elif stat.S_ISBLK(info.st_mode):
+        kind = "b"
+    else:
+        raise ContainerStartError(
+            f"get device path: {_go_quote(path)} containerPath: {_go_quote(target)} "
+            "error: not a device node"
+        )
+    return StartedDevice(
+        container_path=target,
+        host_path=path,
+        permissions=spec.permissions,
+        type=kind,
+        major=os.major(info.st_rdev),
+        minor=os.minor(info.st_rdev),
+    )
 
 
 class _Client:
@@ -218,6 +445,8 @@ class _Resource:
     state: ResourceState = field(default_factory=ResourceState)
     client: _Client | None = None
     history: list[tuple[float, dict[str, str]]] = field(default_factory=list)
+    # order="legacy": replaced endpoints, never closed by the kubelet, still feeding snapshots.
+    superseded: list[_Client] = field(default_factory=list)
 
 
 class _RegistrationServicer(api_pb2_grpc.RegistrationServicer):
@@ -235,21 +464,58 @@ class FakeKubelet:
     """The kubelet's device manager, as far as a device plugin can see it."""
 
     def __init__(
-        self, plugin_dir: str, *, dial_timeout: float = DIAL_TIMEOUT, workers: int = 32
+        self,
+        plugin_dir: str,
+        *,
+        dial_timeout: float = DIAL_TIMEOUT,
+        workers: int = 32,
+        order: Order = "sync",
+        pod_resources_socket: str | None = None,
+        pod_resources_rate_limit: tuple[float, int] | None = None,
+        pod_resources_get: bool = True,
     ) -> None:
+        """``order``: "sync" (kubelet >= 1.25) or "legacy" (1.20), see the module docstring.
+
+        ``pod_resources_socket``: serve PodResources v1 there too (the real one is
+        ``POD_RESOURCES_SOCKET``); ``pod_resources_rate_limit``: (qps, burst), e.g.
+        ``(POD_RESOURCES_QPS, POD_RESOURCES_BURST)`` as the kubelet; off by default.
+        ``pod_resources_get=False`` is a kubelet without the ``KubeletPodResourcesGet`` gate
+        (alpha and off before 1.34).
+        """
+        if order not in ("sync", "legacy"):
+            raise ValueError(f"order must be 'sync' or 'legacy', not {order!r}")
         self.plugin_dir = os.path.abspath(plugin_dir)
         self.socket_path = os.path.join(self.plugin_dir, KUBELET_SOCKET)
         self.dial_timeout = dial_timeout
+        self.order: Order = order
+        self.pod_resources_socket = (
+            None if pod_resources_socket is None else os.path.abspath(pod_resources_socket)
+        )
+        self.pod_resources_get = pod_resources_get
         self.registrations: list[Registration] = []
         self.events: list[Event] = []
+        self.starts: list[ContainerStart] = []  # every container start attempt
+        self.pod_resources_calls: list[PodResourcesCall] = []
         self._workers = workers
         self._cond = threading.Condition()
         self._resources: dict[str, _Resource] = {}
         self._clients: set[_Client] = set()  # every client not yet closed
         self._followers: set[threading.Thread] = set()
+        self._connectors: set[threading.Thread] = set()  # order="legacy": dials after Register
         self._server: grpc.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._generation = 0  # one per kubelet instance
+        # The pod manager and the device manager's podDevices (kept across restarts, as the
+        # API server and the checkpoint keep them), plus devices picked for an Allocate in flight.
+        self._pods: dict[str, _Pod] = {}  # by UID, in the order pods came
+        self._pod_devices: dict[str, dict[str, dict[str, _Assignment]]] = {}  # uid/container/res
+        self._reserved: dict[str, set[str]] = {}
+        self._limiter = (
+            None if pod_resources_rate_limit is None else _TokenBucket(*pod_resources_rate_limit)
+        )
+        self._pr_failure: tuple[grpc.StatusCode, str, frozenset[str] | None] | None = None
+        self._pr_server: grpc.Server | None = None
+        self._pr_executor: ThreadPoolExecutor | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -282,32 +548,46 @@ class FakeKubelet:
         with self._cond:
             self._server, self._executor = server, executor
             self._event("kubelet-start", "", self.socket_path)
+        if self.pod_resources_socket is not None:
+            self.start_pod_resources()
 
     def stop(self) -> None:
         """End this kubelet instance: socket gone, every plugin connection and stream dropped.
 
         Its in-memory state dies with it: the next ``start()`` begins as ``readCheckpoint``
         does, every resource unregistered with capacity 0 until its plugin registers again.
-        Registrations, events and histories are kept for the test.
+        Pods and their devices are kept (API server and checkpoint), as are registrations,
+        events, starts and histories. The PodResources server stops too.
         """
         with self._cond:
             server, executor = self._server, self._executor
             if server is None or executor is None:
-                return
-            self._server = self._executor = None
-            self._generation += 1  # Registers still in flight can no longer commit
-            clients = list(self._clients)
-            for res in self._resources.values():
-                res.client = None
-                res.state = ResourceState(register_count=res.state.register_count)
-            self._event("kubelet-stop", "", self.socket_path)
-            self._cond.notify_all()
+                clients = []
+            else:
+                self._server = self._executor = None
+                self._generation += 1  # Registers still in flight can no longer commit
+                clients = list(self._clients)
+                for res in self._resources.values():
+                    res.client = None
+                    res.superseded = []
+                    res.state = ResourceState(register_count=res.state.register_count)
+                self._event("kubelet-stop", "", self.socket_path)
+                self._cond.notify_all()
+        self.stop_pod_resources()
+        if server is None or executor is None:
+            return
         for client in clients:
             self._drop(client)
         server.stop(None).wait()
-        executor.shutdown(wait=True)  # every Register handler has returned: no new followers
+        executor.shutdown(wait=True)  # every Register handler has returned
         with self._cond:
-            followers = list(self._followers)
+            connectors = list(self._connectors)
+        for thread in connectors:  # legacy dials: cancelled above, and can commit no more
+            thread.join(5.0)
+            if thread.is_alive():
+                log.error("fake kubelet: %s did not end", thread.name)
+        with self._cond:
+            followers = list(self._followers)  # complete now: nothing can start another
         for thread in followers:
             thread.join(5.0)
             if thread.is_alive():
@@ -392,6 +672,256 @@ class FakeKubelet:
         request = api_pb2.PreStartContainerRequest(devices_ids=list(device_ids))
         return self._client(resource).stub.PreStartContainer(request, timeout=timeout)
 
+    # -- pods and containers ---------------------------------------------------------------
+
+    def add_pod(
+        self,
+        name: str,
+        namespace: str,
+        containers: Mapping[str, Mapping[str, Sequence[str]]],
+    ) -> str:
+        """A pod the kubelet already holds devices for, without asking the plugin.
+
+        ``containers``: container name -> resource -> device IDs (``{}`` for none), as a
+        checkpoint restored after a kubelet restart would have it (each entry's cached
+        AllocateResponse is empty). The devices count as allocated. Returns the pod's UID.
+        """
+        with self._cond:
+            pod = self._new_pod(name, namespace)
+            for container, resources in containers.items():
+                pod.containers.append(container)
+                for resource, ids in resources.items():
+                    self._pod_devices.setdefault(pod.uid, {}).setdefault(container, {})[
+                        resource
+                    ] = _Assignment(list(ids), api_pb2.ContainerAllocateResponse())
+            self._event("pod-added", "", f"{namespace}/{name} uid={pod.uid}")
+            self._cond.notify_all()
+            return pod.uid
+
+    def remove_pod(self, name: str, namespace: str = "default") -> None:
+        """The pod is deleted and gone. Its devices are freed without a word to the plugin
+        (there is no Deallocate), by the next ``UpdateAllocatedDevices``."""
+        with self._cond:
+            pod = self._find_pod(name, namespace)
+            del self._pods[pod.uid]
+            self._event("pod-removed", "", f"{namespace}/{name} uid={pod.uid}")
+            self._cond.notify_all()
+
+    def terminate_pod(self, name: str, namespace: str = "default") -> None:
+        """The pod finished (Succeeded/Failed) but is not deleted yet: no longer active (not in
+        ``List``, its devices freed as for a removed pod), still known (``Get`` finds it)."""
+        with self._cond:
+            pod = self._find_pod(name, namespace)
+            pod.active = False
+            self._event("pod-terminated", "", f"{namespace}/{name} uid={pod.uid}")
+            self._cond.notify_all()
+
+    def admit(
+        self,
+        pod: str,
+        container: str,
+        resource: str,
+        devices: int | Sequence[str],
+        *,
+        namespace: str = "default",
+        timeout: float | None = None,
+    ) -> api_pb2.ContainerAllocateResponse:
+        """Admit ``container`` of ``pod`` (made if new) with ``devices`` of ``resource``.
+
+        ``devices``: how many (the kubelet picks, as ``devicesToAllocate``), or exactly which
+        IDs (each must be healthy and unallocated). If the container already holds devices of
+        the resource, their cached response is returned and the plugin is not called. Otherwise
+        one Allocate (no deadline unless ``timeout``), whose ``ContainerResponses[0]`` is kept
+        and returned. Any failure raises ``AdmissionError`` and rejects the pod.
+        """
+        if isinstance(devices, int) and devices < 1:
+            raise ValueError("admit at least one device")
+        with self._cond:
+            if self._server is None:
+                raise KubeletError("fake kubelet: not running")
+            entry = self._lookup_pod(pod, namespace)
+            if entry is None:
+                entry = self._new_pod(pod, namespace)
+            elif not entry.active:
+                raise AdmissionError(f"fake kubelet: pod {namespace}/{pod} is not active")
+            if container not in entry.containers:
+                entry.containers.append(container)
+            uid = entry.uid
+        try:
+            return self._allocate_container(uid, container, resource, devices, timeout)
+        except KubeletError as err:
+            with self._cond:
+                if uid in self._pods:
+                    self._pods[uid].active = False  # a rejected pod goes Failed
+                self._event("rejected", resource, f"{namespace}/{pod}/{container}: {err}")
+                self._cond.notify_all()
+            if isinstance(err, AdmissionError):
+                raise
+            raise AdmissionError(str(err)) from err
+
+    def start_container(
+        self, pod: str, container: str, *, namespace: str = "default"
+    ) -> ContainerStart:
+        """Start (or restart) a container, as the kubelet and containerd do at every start.
+
+        For each resource the container holds: ``PreStartContainer`` (30 s deadline) if that
+        endpoint's options say ``pre_start_required``. Then the cached Allocate responses,
+        merged, and each DeviceSpec's ``host_path`` stat'ed now: what the container gets, with
+        the (major, minor) of this moment. Allocate is not called. Raises
+        ``ContainerStartError`` when the start fails; every attempt is in ``starts``.
+        """
+        with self._cond:
+            if self._server is None:
+                raise KubeletError("fake kubelet: not running")
+            entry = self._find_pod(pod, namespace)
+            if not entry.active:
+                raise ContainerStartError(f"fake kubelet: pod {namespace}/{pod} is not active")
+            if container not in entry.containers:
+                raise ContainerStartError(
+                    f"fake kubelet: pod {namespace}/{pod} has no container {container!r}"
+                )
+            attempt = entry.starts.get(container, 0)
+            entry.starts[container] = attempt + 1
+            uid = entry.uid
+            assignments = dict(self._pod_devices.get(uid, {}).get(container, {}))
+        begun = time.monotonic()
+        pre_started: list[str] = []
+        try:
+            for resource, assignment in assignments.items():
+                if self._pre_start_if_needed(resource, assignment.device_ids):
+                    pre_started.append(resource)
+            envs, mounts, annotations, specs = _run_container_options(
+                [a.response for a in assignments.values()]
+            )
+            started = tuple(_device_from_spec(spec) for spec in specs)
+        except KubeletError as err:
+            failed = ContainerStart(
+                pod,
+                namespace,
+                container,
+                attempt,
+                begun,
+                pre_started=tuple(pre_started),
+                error=str(err),
+            )
+            with self._cond:
+                self.starts.append(failed)
+                self._event("start-failed", "", f"{namespace}/{pod}/{container}: {err}")
+                self._cond.notify_all()
+            if isinstance(err, ContainerStartError):
+                raise
+            raise ContainerStartError(str(err)) from err
+        result = ContainerStart(
+            pod,
+            namespace,
+            container,
+            attempt,
+            begun,
+            devices=started,
+            envs=envs,
+            mounts=mounts,
+            annotations=annotations,
+            pre_started=tuple(pre_started),
+        )
+        with self._cond:
+            self.starts.append(result)
+            shown = ", ".join(f"{d.container_path}={d.major}:{d.minor}" for d in started)
+            self._event("started", "", f"{namespace}/{pod}/{container} #{attempt}: {shown}")
+            self._cond.notify_all()
+        return result
+
+    def restart_container(
+        self, pod: str, container: str, *, namespace: str = "default"
+    ) -> ContainerStart:
+        """A container restart: just another start (no Allocate; PreStartContainer again)."""
+        return self.start_container(pod, container, namespace=namespace)
+
+    def allocated(self, resource: str) -> frozenset[str]:
+        """The device IDs of ``resource`` the device manager holds for active pods."""
+        with self._cond:
+            self._update_allocated_devices()
+            return frozenset(self._allocated(resource))
+
+    def allocation(
+        self, pod: str, container: str, resource: str, *, namespace: str = "default"
+    ) -> tuple[list[str], api_pb2.ContainerAllocateResponse] | None:
+        """The cached (device IDs, ContainerAllocateResponse) of one container and resource."""
+        with self._cond:
+            entry = self._find_pod(pod, namespace)
+            found = self._pod_devices.get(entry.uid, {}).get(container, {}).get(resource)
+            return None if found is None else (list(found.device_ids), found.response)
+
+    # -- PodResources ----------------------------------------------------------------------
+
+    @property
+    def pod_resources_running(self) -> bool:
+        with self._cond:
+            return self._pr_server is not None
+
+    def start_pod_resources(self) -> None:
+        """Serve PodResources v1 on ``pod_resources_socket`` (a new socket file)."""
+        path = self.pod_resources_socket
+        if path is None:
+            raise RuntimeError("fake kubelet: no pod_resources_socket configured")
+        with self._cond:
+            if self._pr_server is not None:
+                raise RuntimeError("fake kubelet: PodResources already served")
+        os.makedirs(os.path.dirname(path), 0o750, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # util.CreateListener: unlink a previous socket file
+        executor = ThreadPoolExecutor(8, thread_name_prefix="fake-kubelet-podresources")
+        server = grpc.server(executor)
+        pr_grpc.add_PodResourcesListerServicer_to_server(_PodResourcesServicer(self), server)
+        try:
+            server.add_insecure_port("unix:" + path)
+            server.start()
+        except BaseException:
+            server.stop(None).wait()
+            executor.shutdown(wait=True)
+            raise
+        with self._cond:
+            self._pr_server, self._pr_executor = server, executor
+            self._event("podresources-start", "", path)
+
+    def stop_pod_resources(self, *, leave_socket: bool = False) -> None:
+        """Stop serving PodResources (the device plugin side is untouched).
+
+        ``leave_socket``: leave a dead socket file behind, as a killed kubelet does, so that
+        clients get "connection refused" rather than "no such file".
+        """
+        with self._cond:
+            server, executor = self._pr_server, self._pr_executor
+            self._pr_server = self._pr_executor = None
+        if server is None or executor is None:
+            return
+        server.stop(None).wait()
+        executor.shutdown(wait=True)
+        path = self.pod_resources_socket
+        assert path is not None
+        if leave_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+                dead.bind(path)  # bound, never listening, closed: ECONNREFUSED
+        with self._cond:
+            self._event("podresources-stop", "", path)
+
+    def pod_resources_fail(
+        self,
+        code: grpc.StatusCode | None,
+        details: str | None = None,
+        *,
+        methods: Collection[str] | None = None,
+    ) -> None:
+        """Make PodResources answer ``code`` (to every method, or to ``methods`` only);
+        ``None`` answers normally again. The rate limit, if any, still applies first."""
+        with self._cond:
+            if code is None:
+                self._pr_failure = None
+            else:
+                shown = details if details is not None else f"fake kubelet: {code.name}"
+                self._pr_failure = (code, shown, None if methods is None else frozenset(methods))
+
     # -- internals -------------------------------------------------------------------------
 
     def _state(self, resource: str) -> ResourceState:
@@ -413,6 +943,261 @@ class FakeKubelet:
                 raise KubeletError(f"endpoint {resource} has been stopped")
             return res.client
 
+    def _new_pod(self, name: str, namespace: str) -> _Pod:
+        """A new pod with a fresh UID (caller holds the lock)."""
+        if self._lookup_pod(name, namespace) is not None:
+            raise KubeletError(f"fake kubelet: pod {namespace}/{name} exists")
+        pod = _Pod(str(uuid.uuid4()), name, namespace)
+        self._pods[pod.uid] = pod
+        return pod
+
+    def _lookup_pod(self, name: str, namespace: str) -> _Pod | None:
+        """``GetPodByName``: any pod the kubelet knows, active or not (caller holds the lock)."""
+        for pod in self._pods.values():
+            if (pod.name, pod.namespace) == (name, namespace):
+                return pod
+        return None
+
+    def _find_pod(self, name: str, namespace: str) -> _Pod:
+        pod = self._lookup_pod(name, namespace)
+        if pod is None:
+            raise KubeletError(f"fake kubelet: no pod {namespace}/{name}")
+        return pod
+
+    def _update_allocated_devices(self) -> None:
+        """``UpdateAllocatedDevices``: forget the devices of every pod that is not active."""
+        active = {uid for uid, pod in self._pods.items() if pod.active}
+        for uid in [uid for uid in self._pod_devices if uid not in active]:
+            gone = self._pod_devices.pop(uid)
+            freed = sorted({i for c in gone.values() for a in c.values() for i in a.device_ids})
+            self._event("freed", "", f"pod uid={uid}: {', '.join(freed) or 'no devices'}")
+
+    def _allocated(self, resource: str) -> set[str]:
+        """``allocatedDevices[resource]``: podDevices plus picks in flight (lock held)."""
+        held = set(self._reserved.get(resource, ()))
+        for containers in self._pod_devices.values():
+            for resources in containers.values():
+                if resource in resources:
+                    held.update(resources[resource].device_ids)
+        return held
+
+    def _allocate_container(
+        self,
+        uid: str,
+        container: str,
+        resource: str,
+        devices: int | Sequence[str],
+        timeout: float | None,
+    ) -> api_pb2.ContainerAllocateResponse:
+        """``allocateContainerResources`` for one resource: ``devicesToAllocate``, Allocate."""
+        with self._cond:
+            self._update_allocated_devices()
+            held = self._pod_devices.get(uid, {}).get(container, {}).get(resource)
+            needed = devices if isinstance(devices, int) else len(devices)
+            if held is not None:  # "This can happen if a container restarts for example."
+                if len(held.device_ids) != needed:
+                    raise AdmissionError(
+                        f"pod {_go_quote(uid)} container {_go_quote(container)} changed request "
+                        f"for resource {_go_quote(resource)} from {len(held.device_ids)} to "
+                        f"{needed}"
+                    )
+                return held.response
+            res = self._resources.get(resource)
+            if res is None:
+                raise AdmissionError(f"cannot allocate unregistered device {resource}")
+            in_use = self._allocated(resource)
+            available = [
+                i
+                for i, health in res.state.devices.items()
+                if health == HEALTHY and i not in in_use
+            ]
+            if isinstance(devices, int):
+                if len(available) < needed:
+                    raise AdmissionError(
+                        f"requested number of devices unavailable for {resource}. "
+                        f"Requested: {needed}, Available: {len(available)}"
+                    )
+                options = res.state.options
+                ask = options is not None and options.get_preferred_allocation_available
+            else:
+                wrong = [i for i in devices if i not in available]
+                if wrong or len(set(devices)) != len(devices):
+                    raise AdmissionError(
+                        f"fake kubelet: {', '.join(wrong) or 'duplicate IDs'} of {resource} "
+                        "not healthy and free"
+                    )
+                ask = False
+            picked = list(devices) if not isinstance(devices, int) else available[:needed]
+            self._reserved.setdefault(resource, set()).update(available if ask else picked)
+        try:
+            if ask:
+                assert isinstance(devices, int)
+                picked = self._preferred(resource, available, needed)
+                with self._cond:
+                    self._reserved[resource].difference_update(set(available) - set(picked))
+            try:
+                response = self.call_allocate(resource, [picked], timeout)
+            except KubeletError:
+                raise
+            except grpc.RpcError as err:
+                raise AdmissionError(
+                    f"Allocate failed due to {_go_rpc_error(err)}, which is unexpected"
+                ) from err
+            if not response.container_responses:
+                raise AdmissionError(f"no containers return in allocation response {response}")
+            with self._cond:
+                if uid in self._pods:
+                    self._pod_devices.setdefault(uid, {}).setdefault(container, {})[resource] = (
+                        _Assignment(picked, response.container_responses[0])
+                    )
+                self._event("allocated", resource, f"uid={uid}/{container}: {', '.join(picked)}")
+                self._cond.notify_all()
+            return response.container_responses[0]
+        finally:
+            with self._cond:
+                self._reserved[resource].difference_update(available if ask else picked)
+
+    def _preferred(self, resource: str, available: list[str], needed: int) -> list[str]:
+        """``callGetPreferredAllocationIfAvailable``, then what is left, in snapshot order."""
+        request = api_pb2.PreferredAllocationRequest(
+            container_requests=[
+                api_pb2.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=available, must_include_deviceIDs=[], allocation_size=needed
+                )
+            ]
+        )
+        try:
+            answer = self._client(resource).stub.GetPreferredAllocation(request)
+        except grpc.RpcError as err:
+            raise AdmissionError(
+                f"device plugin GetPreferredAllocation rpc failed with err: {_go_rpc_error(err)}"
+            ) from err
+        preferred = [
+            i
+            for r in answer.container_responses[:1]
+            for i in r.deviceIDs
+            if i in available  # preferred.Intersection(available)
+        ]
+        picked = list(dict.fromkeys(preferred))[:needed]
+        picked += [i for i in available if i not in picked][: needed - len(picked)]
+        return picked
+
+    def _pre_start_if_needed(self, resource: str, device_ids: Sequence[str]) -> bool:
+        """``callPreStartContainerIfNeeded``; True if PreStartContainer was called."""
+        with self._cond:
+            res = self._resources.get(resource)
+            if res is None:
+                raise ContainerStartError(
+                    f"endpoint not found in cache for a registered resource: {resource}"
+                )
+            options, client = res.state.options, res.client
+        if options is None or not options.pre_start_required:
+            return False
+        if client is None:
+            raise ContainerStartError(
+                "device plugin PreStartContainer rpc failed with err: "
+                f"endpoint {resource} has been stopped"
+            )
+        request = api_pb2.PreStartContainerRequest(devices_ids=list(device_ids))
+        try:
+            client.stub.PreStartContainer(request, timeout=PRE_START_TIMEOUT)
+        except grpc.RpcError as err:
+            raise ContainerStartError(
+                f"device plugin PreStartContainer rpc failed with err: {_go_rpc_error(err)}"
+            ) from err
+        return True
+
+    def _pod_resources_call(
+        self, method: str, context: grpc.ServicerContext, answer: Callable[[], _T]
+    ) -> _T:
+        """One unary PodResources call: rate limit (interceptor), injected failure, answer."""
+        code, details = grpc.StatusCode.OK, ""
+        result: _T | None = None
+        if self._limiter is not None and not self._limiter.allow():
+            code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED
+        else:
+            with self._cond:
+                failure = self._pr_failure
+            if failure is not None and (failure[2] is None or method in failure[2]):
+                code, details = failure[0], failure[1]
+            else:
+                try:
+                    result = answer()
+                except _Abort as err:
+                    code, details = err.code, err.details
+        with self._cond:
+            self.pod_resources_calls.append(PodResourcesCall(time.monotonic(), method, code))
+            self._cond.notify_all()
+        if result is None:
+            context.abort(code, details)
+        assert result is not None
+        return result
+
+    def _container_resources(self, pod: _Pod) -> list[pr_pb2.ContainerResources]:
+        """``getContainerResources`` of each container: one ContainerDevices per device ID
+        (``containerDevicesFromResourceDeviceInstances``; no topology reported)."""
+        held = self._pod_devices.get(pod.uid, {})
+        return [
+            pr_pb2.ContainerResources(
+                name=container,
+                devices=[
+                    pr_pb2.ContainerDevices(resource_name=resource, device_ids=[device])
+                    for resource, assignment in held.get(container, {}).items()
+                    for device in assignment.device_ids
+                ],
+            )
+            for container in pod.containers
+        ]
+
+    def _list_pods(self) -> pr_pb2.ListPodResourcesResponse:
+        """``List``: ``UpdateAllocatedDevices``, then every active pod."""
+        with self._cond:
+            self._update_allocated_devices()
+            return pr_pb2.ListPodResourcesResponse(
+                pod_resources=[
+                    pr_pb2.PodResources(
+                        name=pod.name,
+                        namespace=pod.namespace,
+                        containers=self._container_resources(pod),
+                    )
+                    for pod in self._pods.values()
+                    if pod.active
+                ]
+            )
+
+    def _allocatable_resources(self) -> pr_pb2.AllocatableResourcesResponse:
+        """``GetAllocatableResources``: ``allDevices.Filter(healthyDevices)``, allocated or not."""
+        with self._cond:
+            return pr_pb2.AllocatableResourcesResponse(
+                devices=[
+                    pr_pb2.ContainerDevices(resource_name=resource, device_ids=[device])
+                    for resource, res in self._resources.items()
+                    for device, health in res.state.devices.items()
+                    if health == HEALTHY
+                ]
+            )
+
+    def _get_pod(self, name: str, namespace: str) -> pr_pb2.GetPodResourcesResponse:
+        """``Get``: any pod still known (``GetPodByName``), without ``UpdateAllocatedDevices``.
+
+        Its errors are Go errors (``fmt.Errorf``), so grpc-go answers them with code Unknown.
+        """
+        if not self.pod_resources_get:
+            raise _Abort(grpc.StatusCode.UNKNOWN, "PodResources API Get method disabled")
+        with self._cond:
+            pod = self._lookup_pod(name, namespace)
+            if pod is None:
+                raise _Abort(
+                    grpc.StatusCode.UNKNOWN, f"pod {name} in namespace {namespace} not found"
+                )
+            return pr_pb2.GetPodResourcesResponse(
+                pod_resources=pr_pb2.PodResources(
+                    name=pod.name,
+                    namespace=pod.namespace,
+                    containers=self._container_resources(pod),
+                )
+            )
+
     def _drop(self, client: _Client) -> None:
         client.close()
         with self._cond:
@@ -431,7 +1216,10 @@ class FakeKubelet:
             self._event("register", request.resource_name, f"endpoint={request.endpoint!r}")
         try:
             self._validate(request)
-            self._connect(request, generation)
+            if self.order == "legacy":
+                self._connect_later(request, generation, reg)
+            else:
+                self._connect(request, generation)
         except KubeletError as err:
             with self._cond:
                 reg.error, reg.done = str(err), True
@@ -461,7 +1249,11 @@ class FakeKubelet:
             )
 
     def _connect(self, request: api_pb2.RegisterRequest, generation: int) -> None:
-        """``connectClient``: dial (blocking, 10 s), ``PluginConnected``, then ``go runClient``."""
+        """``connectClient``: dial (blocking, 10 s), ``PluginConnected``, then ``go runClient``.
+
+        With order="legacy", ``addEndpoint``: the same dial, no ``GetDevicePluginOptions``, the
+        request's options, and the replaced endpoint left open.
+        """
         path = os.path.join(self.plugin_dir, request.endpoint)
         client = _Client(request.resource_name, request.endpoint, path)
         with self._cond:
@@ -471,22 +1263,58 @@ class FakeKubelet:
             self._clients.add(client)
         try:
             client.dial(self.dial_timeout)
-            try:  # PluginConnected: GetDevicePluginOptions(context.Background()), no deadline
-                options = client.stub.GetDevicePluginOptions(api_pb2.Empty())
-            except Exception as err:
-                raise KubeletError(
-                    f"failed to get device plugin options: {_go_rpc_error(err)}"
-                ) from None
-            old, follower = self._connected(client, options, generation)
+            options: api_pb2.DevicePluginOptions | None
+            if self.order == "legacy":  # registerEndpoint(r.ResourceName, r.Options, new)
+                options = request.options if request.HasField("options") else None
+                source = OPTIONS_FROM_REGISTER
+            else:  # PluginConnected: GetDevicePluginOptions(context.Background()), no deadline
+                try:
+                    options = client.stub.GetDevicePluginOptions(api_pb2.Empty())
+                except Exception as err:
+                    raise KubeletError(
+                        f"failed to get device plugin options: {_go_rpc_error(err)}"
+                    ) from None
+                source = OPTIONS_FROM_PLUGIN
+            old, follower = self._connected(client, options, source, generation)
         except BaseException:
             self._drop(client)
             raise
-        if old is not None:
+        if old is not None and self.order != "legacy":
             self._drop(old)
         follower.start()
 
+    def _connect_later(
+        self, request: api_pb2.RegisterRequest, generation: int, reg: Registration
+    ) -> None:
+        """Kubelet 1.20's ``go m.addEndpoint(r)``: Register is answered before the dial."""
+
+        def run() -> None:
+            try:
+                self._connect(request, generation)
+            except Exception as err:  # "Failed to dial device plugin with request": logged only
+                with self._cond:
+                    reg.connect_error = str(err)
+                    self._event("dial-failed", request.resource_name, str(err))
+                    self._cond.notify_all()
+            finally:
+                with self._cond:
+                    self._connectors.discard(threading.current_thread())
+
+        thread = threading.Thread(
+            target=run, name=f"fake-kubelet-addEndpoint {request.resource_name}", daemon=True
+        )
+        with self._cond:
+            if generation != self._generation:
+                raise KubeletError("fake kubelet: this kubelet instance has stopped")
+            self._connectors.add(thread)
+        thread.start()
+
     def _connected(
-        self, client: _Client, options: api_pb2.DevicePluginOptions, generation: int
+        self,
+        client: _Client,
+        options: api_pb2.DevicePluginOptions | None,
+        source: str,
+        generation: int,
     ) -> tuple[_Client | None, threading.Thread]:
         """``PluginConnected``: the newest registration replaces the resource's endpoint.
 
@@ -497,12 +1325,15 @@ class FakeKubelet:
                 raise KubeletError("fake kubelet: this kubelet instance has stopped")
             res = self._resources.setdefault(client.resource, _Resource())
             old, res.client = res.client, client
+            if old is not None and self.order == "legacy":
+                res.superseded.append(old)
             res.state = dataclasses.replace(
                 res.state,
                 registered=True,
                 connected=True,
                 endpoint=client.endpoint,
                 options=options,
+                options_source=source,
                 register_count=res.state.register_count + 1,
                 stopped_at=None,
             )
@@ -513,8 +1344,8 @@ class FakeKubelet:
                 daemon=True,
             )
             self._followers.add(follower)
-            shown = str(options).replace("\n", " ").strip()
-            detail = f"endpoint={client.endpoint!r} options={{{shown}}}"
+            shown = "none" if options is None else str(options).replace("\n", " ").strip()
+            detail = f"endpoint={client.endpoint!r} options={{{shown}}} from {source}"
             self._event("connected", client.resource, detail)
             if old is not None:
                 self._event("superseded", client.resource, f"endpoint={old.endpoint!r}")
@@ -546,7 +1377,8 @@ class FakeKubelet:
         now = time.monotonic()
         with self._cond:
             res = self._resources.get(client.resource)
-            if res is None or res.client is not client:
+            # 1.20's callback is keyed by resource name: a replaced endpoint still counts.
+            if res is None or (res.client is not client and client not in res.superseded):
                 self._event("ignored", client.resource, f"snapshot from {client.endpoint!r}")
                 return
             res.state = dataclasses.replace(res.state, devices=devices)
@@ -573,6 +1405,8 @@ class FakeKubelet:
                 )
                 self._event("disconnected", client.resource, reason)
             else:
+                if res is not None and client in res.superseded:
+                    res.superseded.remove(client)
                 self._event("stream-ended", client.resource, f"{client.endpoint!r}: {reason}")
             self._cond.notify_all()
         self._drop(client)

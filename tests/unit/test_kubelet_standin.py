@@ -6,6 +6,7 @@ stand-in alone. No root, no network namespace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -20,16 +21,25 @@ from typing import Any
 import grpc
 import pytest
 
+from macvtapdp.api.podresources.v1 import api_pb2 as pr_pb2
+from macvtapdp.api.podresources.v1 import api_pb2_grpc as pr_grpc
 from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
 from tests.harness import until
 from tests.kubelet import (
     CHECKPOINT,
     HEALTHY,
     KUBELET_SOCKET,
+    OPTIONS_FROM_PLUGIN,
+    OPTIONS_FROM_REGISTER,
+    RATE_LIMITED,
     UNHEALTHY,
+    AdmissionError,
+    ContainerStartError,
     FakeKubelet,
     KubeletError,
+    Order,
     ResourceState,
+    StartedDevice,
     is_extended_resource_name,
 )
 
@@ -49,15 +59,25 @@ class TinyPlugin(api_pb2_grpc.DevicePluginServicer):
         options: api_pb2.DevicePluginOptions | None = None,
         options_delay: float = 0.0,
         options_error: grpc.StatusCode | None = None,
+        host_paths: dict[str, str] | None = None,
+        allocate_error: grpc.StatusCode | None = None,
+        pre_start_error: grpc.StatusCode | None = None,
+        preferred: list[str] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.path = os.path.join(plugin_dir, endpoint)
         self.options = options or api_pb2.DevicePluginOptions()
         self.options_delay = options_delay
         self.options_error = options_error
+        self.host_paths = host_paths or {}  # device ID -> DeviceSpec.host_path (else /dev/<ID>)
+        self.allocate_error = allocate_error
+        self.pre_start_error = pre_start_error
+        self.preferred = preferred
         self.options_calls: list[float] = []  # time.monotonic() of each GetDevicePluginOptions
         self.allocate_requests: list[api_pb2.AllocateRequest] = []
         self.pre_start_requests: list[api_pb2.PreStartContainerRequest] = []
+        self.pre_start_times: list[float] = []
+        self.preferred_requests: list[api_pb2.PreferredAllocationRequest] = []
         self.streams_started = 0
         self.streams_ended = 0
         self._cond = threading.Condition()
@@ -139,21 +159,33 @@ class TinyPlugin(api_pb2_grpc.DevicePluginServicer):
     def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreferredAllocationResponse:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not offered")
+        self.preferred_requests.append(request)
+        if self.preferred is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "not offered")
+        return api_pb2.PreferredAllocationResponse(
+            container_responses=[
+                api_pb2.ContainerPreferredAllocationResponse(deviceIDs=self.preferred)
+            ]
+        )
 
     def Allocate(
         self, request: api_pb2.AllocateRequest, context: grpc.ServicerContext
     ) -> api_pb2.AllocateResponse:
         self.allocate_requests.append(request)
+        if self.allocate_error is not None:
+            context.abort(self.allocate_error, "no devices today")
         return api_pb2.AllocateResponse(
             container_responses=[
                 api_pb2.ContainerAllocateResponse(
+                    envs={f"TINY_{i}": "1" for i in c.devices_ids},
                     devices=[
                         api_pb2.DeviceSpec(
-                            host_path=f"/dev/{i}", container_path=f"/dev/{i}", permissions="rw"
+                            host_path=self.host_paths.get(i, f"/dev/{i}"),
+                            container_path=f"/dev/{i}",
+                            permissions="rw",
                         )
                         for i in c.devices_ids
-                    ]
+                    ],
                 )
                 for c in request.container_requests
             ]
@@ -163,6 +195,9 @@ class TinyPlugin(api_pb2_grpc.DevicePluginServicer):
         self, request: api_pb2.PreStartContainerRequest, context: grpc.ServicerContext
     ) -> api_pb2.PreStartContainerResponse:
         self.pre_start_requests.append(request)
+        self.pre_start_times.append(time.monotonic())
+        if self.pre_start_error is not None:
+            context.abort(self.pre_start_error, "device not ready")
         return api_pb2.PreStartContainerResponse()
 
 
@@ -280,6 +315,7 @@ def test_register_dials_back_and_asks_options_before_answering(
     assert state.registered and state.connected and state.register_count == 1
     assert state.endpoint == "tiny.sock"
     assert state.options is not None and state.options.pre_start_required  # the answer wins
+    assert state.options_source == OPTIONS_FROM_PLUGIN
     [reg] = kubelet.registrations
     assert (reg.version, reg.endpoint, reg.resource_name) == ("v1beta1", "tiny.sock", RESOURCE)
     assert reg.options is not None and not reg.options.pre_start_required
@@ -519,9 +555,14 @@ def test_allocate_round_trip(kubelet: FakeKubelet, plugins: Callable[..., TinyPl
         kubelet.allocate("example.com/other", ["a"])
 
 
-def test_no_threads_left_after_stop(plugin_dir: str, plugins: Callable[..., TinyPlugin]) -> None:
+@pytest.mark.parametrize("order", ["sync", "legacy"])
+def test_no_threads_left_after_stop(
+    plugin_dir: str, plugins: Callable[..., TinyPlugin], hold_dir: str, order: Order
+) -> None:
     baseline = set(threading.enumerate())
-    kubelet = FakeKubelet(plugin_dir)
+    kubelet = FakeKubelet(
+        plugin_dir, order=order, pod_resources_socket=os.path.join(hold_dir, "pr.sock")
+    )
     for _ in range(3):
         kubelet.start()
         first = plugins("one.sock", devices={"a": HEALTHY})
@@ -530,8 +571,542 @@ def test_no_threads_left_after_stop(plugin_dir: str, plugins: Callable[..., Tiny
         register(kubelet, "two.sock")  # replaces the first
         assert kubelet.wait_for(RESOURCE, connected_with(1), WAIT)
         kubelet.allocate(RESOURCE, ["a"])
+        kubelet.admit("pod", "c", RESOURCE, 1)
+        with pod_resources(kubelet) as lister:
+            lister.List(pr_pb2.ListPodResourcesRequest(), timeout=WAIT)
+        kubelet.remove_pod("pod")
         kubelet.stop()
         first.close()
         second.close()
     assert not kubelet.running
     assert until(lambda: set(threading.enumerate()) <= baseline, WAIT), threading.enumerate()
+
+
+# -- pods and containers ---------------------------------------------------------------------
+
+
+def serving(
+    kubelet: FakeKubelet,
+    plugins: Callable[..., TinyPlugin],
+    devices: dict[str, str],
+    **kwargs: Any,
+) -> TinyPlugin:
+    """A registered TinyPlugin whose first snapshot has arrived."""
+    plugin = plugins(devices=devices, **kwargs)
+    register(kubelet, plugin.endpoint, options=kwargs.get("options"))
+    healthy = sum(1 for h in devices.values() if h == HEALTHY)
+    assert kubelet.wait_for(RESOURCE, connected_with(healthy), WAIT)
+    return plugin
+
+
+def test_admit_picks_healthy_free_devices_and_keeps_the_answer(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    plugin = serving(kubelet, plugins, {"a": HEALTHY, "b": UNHEALTHY, "c": HEALTHY})
+
+    first = kubelet.admit("p1", "app", RESOURCE, 1)
+    second = kubelet.admit("p2", "app", RESOURCE, 1, namespace="other")
+    assert [d.container_path for d in first.devices] == ["/dev/a"]
+    assert [d.container_path for d in second.devices] == ["/dev/c"]  # never the unhealthy b
+    assert [
+        [list(c.devices_ids) for c in r.container_requests] for r in plugin.allocate_requests
+    ] == [
+        [["a"]],
+        [["c"]],
+    ]
+    assert kubelet.allocated(RESOURCE) == {"a", "c"}
+    held = kubelet.allocation("p1", "app", RESOURCE)
+    assert held is not None and held == (["a"], first)
+
+    with pytest.raises(AdmissionError, match=r"Requested: 1, Available: 0"):
+        kubelet.admit("p3", "app", RESOURCE, 1)
+    assert len(plugin.allocate_requests) == 2  # refused before any call
+    with pytest.raises(AdmissionError, match="is not active"):  # a rejected pod stays rejected
+        kubelet.admit("p3", "app", RESOURCE, 1)
+    with pytest.raises(AdmissionError, match="cannot allocate unregistered device"):
+        kubelet.admit("p4", "app", "example.com/other", 1)
+
+
+def test_admit_again_reuses_the_cached_answer(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    plugin = serving(kubelet, plugins, {"a": HEALTHY, "b": HEALTHY})
+    first = kubelet.admit("p1", "app", RESOURCE, ["b"])
+    assert kubelet.admit("p1", "app", RESOURCE, 1) == first  # no work: no Allocate
+    assert len(plugin.allocate_requests) == 1
+    with pytest.raises(AdmissionError, match=r'changed request for resource "example\.com/tiny"'):
+        kubelet.admit("p1", "app", RESOURCE, 2)
+    # The rejected p1 is not active: the next UpdateAllocatedDevices frees its b.
+    kubelet.admit("p2", "app", RESOURCE, ["b"])
+    with pytest.raises(AdmissionError, match="not healthy and free"):
+        kubelet.admit("p3", "app", RESOURCE, ["b"])
+    assert kubelet.allocated(RESOURCE) == {"b"}
+
+
+def test_removed_pod_frees_its_devices_without_telling_the_plugin(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    plugin = serving(kubelet, plugins, {"a": HEALTHY})
+    kubelet.admit("p1", "app", RESOURCE, 1)
+    with pytest.raises(AdmissionError, match="Available: 0"):
+        kubelet.admit("p2", "app", RESOURCE, 1)
+
+    kubelet.remove_pod("p1")
+    kubelet.admit("p3", "app", RESOURCE, 1)  # a again
+    requests = [list(r.container_requests[0].devices_ids) for r in plugin.allocate_requests]
+    assert requests == [["a"], ["a"]]
+    assert plugin.pre_start_requests == [] and plugin.preferred_requests == []
+    assert kubelet.allocated(RESOURCE) == {"a"}
+
+
+def test_admit_asks_for_a_preferred_allocation_when_offered(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    options = api_pb2.DevicePluginOptions(get_preferred_allocation_available=True)
+    plugin = serving(
+        kubelet, plugins, dict.fromkeys("abcd", HEALTHY), options=options, preferred=["d", "zz"]
+    )
+    kubelet.admit("p0", "app", RESOURCE, ["a"])
+    response = kubelet.admit("p1", "app", RESOURCE, 2)
+    # The preferred IDs that are available first (zz is not), then the rest in snapshot order.
+    assert [d.container_path for d in response.devices] == ["/dev/d", "/dev/b"]
+    [request] = plugin.preferred_requests  # none for the explicit IDs
+    [container] = request.container_requests
+    assert list(container.available_deviceIDs) == ["b", "c", "d"]
+    assert list(container.must_include_deviceIDs) == []
+    assert container.allocation_size == 2
+
+
+def test_failed_allocate_rejects_the_pod_and_holds_nothing(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    serving(kubelet, plugins, {"a": HEALTHY}, allocate_error=grpc.StatusCode.INTERNAL)
+    with pytest.raises(AdmissionError) as info:
+        kubelet.admit("p1", "app", RESOURCE, 1)
+    assert str(info.value) == (
+        "Allocate failed due to rpc error: code = Internal desc = no devices today, "
+        "which is unexpected"
+    )
+    assert kubelet.allocated(RESOURCE) == set()
+    with pytest.raises(ContainerStartError, match="not active"):
+        kubelet.start_container("p1", "app")
+
+
+def test_start_container_stats_the_host_path_at_every_start(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin], hold_dir: str
+) -> None:
+    link = os.path.join(hold_dir, "tap-a")
+    os.symlink("/dev/null", link)
+    plugin = serving(kubelet, plugins, {"a": HEALTHY}, host_paths={"a": link})
+    kubelet.admit("p1", "app", RESOURCE, 1)
+
+    first = kubelet.start_container("p1", "app")
+    null, zero = os.stat("/dev/null").st_rdev, os.stat("/dev/zero").st_rdev
+    assert first.devices == (
+        StartedDevice("/dev/a", link, "rw", "c", os.major(null), os.minor(null)),
+    )
+    assert first.envs == {"TINY_a": "1"} and first.attempt == 0 and first.error is None
+
+    os.remove(link)  # the node changes under the same host path
+    os.symlink("/dev/zero", link)
+    again = kubelet.restart_container("p1", "app")
+    assert [(d.major, d.minor) for d in again.devices] == [(os.major(zero), os.minor(zero))]
+    assert again.attempt == 1
+    assert len(plugin.allocate_requests) == 1  # starts never call Allocate
+    assert plugin.pre_start_requests == []  # not required by the options
+    assert [s.attempt for s in kubelet.starts] == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["missing", "regular file", "directory", "fifo"])
+def test_start_container_fails_without_a_device_node(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin], hold_dir: str, kind: str
+) -> None:
+    path = os.path.join(hold_dir, "node")
+    if kind == "regular file":
+        with open(path, "w") as f:
+            f.write("not a device")
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    serving(
+        kubelet, plugins, {"a": HEALTHY, "b": HEALTHY}, host_paths={"a": "/dev/null", "b": path}
+    )
+    kubelet.admit("p1", "app", RESOURCE, 2)
+
+    with pytest.raises(ContainerStartError) as info:
+        kubelet.start_container("p1", "app")
+    expected = {
+        "missing": f"error stating device path: stat {path}: no such file or directory",
+        "regular file": (
+            f'get device path: "{path}" containerPath: "/dev/b" error: not a device node'
+        ),
+        "directory": "is a directory",
+        "fifo": "not a device node",
+    }[kind]
+    assert expected in str(info.value)
+    [failed] = kubelet.starts
+    assert failed.error == str(info.value) and failed.devices == ()
+
+    if kind == "directory":
+        os.rmdir(path)
+    elif kind != "missing":
+        os.remove(path)
+    os.symlink("/dev/zero", path)  # the node appears: the next start works
+    started = kubelet.start_container("p1", "app")
+    assert [(d.host_path, d.type) for d in started.devices] == [("/dev/null", "c"), (path, "c")]
+    assert started.attempt == 1
+
+
+def test_pre_start_container_before_every_start_when_required(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    options = api_pb2.DevicePluginOptions(pre_start_required=True)
+    plugin = serving(
+        kubelet, plugins, {"a": HEALTHY}, options=options, host_paths={"a": "/dev/null"}
+    )
+    kubelet.admit("p1", "app", RESOURCE, 1)
+    assert plugin.pre_start_requests == []  # not at admission
+
+    results = []
+    for _ in range(3):
+        before = time.monotonic()
+        results.append(kubelet.start_container("p1", "app"))
+        assert before < plugin.pre_start_times[-1]  # called during this start
+    assert [list(r.devices_ids) for r in plugin.pre_start_requests] == [["a"]] * 3
+    assert all(r.pre_started == (RESOURCE,) for r in results)
+    assert len(plugin.allocate_requests) == 1
+
+    plugin.pre_start_error = grpc.StatusCode.UNAVAILABLE  # an error fails the start
+    with pytest.raises(ContainerStartError) as info:
+        kubelet.restart_container("p1", "app")
+    assert str(info.value) == (
+        "device plugin PreStartContainer rpc failed with err: "
+        "rpc error: code = Unavailable desc = device not ready"
+    )
+
+
+def test_start_with_a_stopped_endpoint(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    """The cached answer still serves a start; only a required PreStartContainer fails."""
+    plain = serving(kubelet, plugins, {"a": HEALTHY}, host_paths={"a": "/dev/null"})
+    kubelet.admit("p1", "app", RESOURCE, 1)
+    plain.end_streams()
+    assert kubelet.wait_for(RESOURCE, lambda s: not s.connected, WAIT)
+    assert [d.host_path for d in kubelet.start_container("p1", "app").devices] == ["/dev/null"]
+
+    options = api_pb2.DevicePluginOptions(pre_start_required=True)
+    needy = plugins("needy.sock", devices={"a": HEALTHY}, options=options)
+    register(kubelet, "needy.sock")
+    assert kubelet.wait_for(RESOURCE, connected_with(1), WAIT)
+    needy.end_streams()
+    assert kubelet.wait_for(RESOURCE, lambda s: not s.connected, WAIT)
+    with pytest.raises(ContainerStartError, match=r"endpoint example\.com/tiny has been stopped"):
+        kubelet.start_container("p1", "app")
+
+
+def test_pods_outlive_a_kubelet_restart(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    """The checkpoint keeps the answers; the restored endpoint has no options (no PreStart)."""
+    options = api_pb2.DevicePluginOptions(pre_start_required=True)
+    plugin = serving(
+        kubelet, plugins, {"a": HEALTHY}, options=options, host_paths={"a": "/dev/null"}
+    )
+    kubelet.admit("p1", "app", RESOURCE, 1)
+    kubelet.restart()
+
+    started = kubelet.start_container("p1", "app")
+    assert [d.host_path for d in started.devices] == ["/dev/null"]
+    assert started.pre_started == () and plugin.pre_start_requests == []
+    assert kubelet.allocated(RESOURCE) == {"a"}
+    kubelet.stop()  # a dead kubelet starts nothing
+    with pytest.raises(KubeletError, match="not running"):
+        kubelet.start_container("p1", "app")
+
+
+def test_add_pod_holds_devices_without_allocate(
+    kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    plugin = serving(kubelet, plugins, {"a": HEALTHY, "b": HEALTHY})
+    uid = kubelet.add_pod("old", "ns", {"app": {RESOURCE: ["a"]}, "sidecar": {}})
+    assert len(uid) == 36 and plugin.allocate_requests == []
+    assert kubelet.allocated(RESOURCE) == {"a"}
+    assert [d.container_path for d in kubelet.admit("new", "app", RESOURCE, 1).devices] == [
+        "/dev/b"
+    ]
+    assert kubelet.start_container("old", "sidecar", namespace="ns").devices == ()
+    with pytest.raises(KubeletError, match="exists"):
+        kubelet.add_pod("old", "ns", {})
+    with pytest.raises(ContainerStartError, match="endpoint not found in cache"):
+        kubelet.add_pod("odd", "ns", {"app": {"example.com/never": ["x"]}})
+        kubelet.start_container("odd", "app", namespace="ns")
+
+
+# -- PodResources ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pod_resources(kubelet: FakeKubelet) -> Iterator[pr_grpc.PodResourcesListerStub]:
+    assert kubelet.pod_resources_socket is not None
+    with grpc.insecure_channel("unix:" + kubelet.pod_resources_socket) as channel:
+        yield pr_grpc.PodResourcesListerStub(channel)
+
+
+@pytest.fixture
+def pr_kubelet(plugin_dir: str, hold_dir: str) -> Iterator[FakeKubelet]:
+    socket_path = os.path.join(hold_dir, "pod-resources", "kubelet.sock")
+    with FakeKubelet(plugin_dir, pod_resources_socket=socket_path) as k:
+        yield k
+
+
+def listed(response: pr_pb2.ListPodResourcesResponse) -> dict[str, Any]:
+    """``{ns/name: {container: [(resource, [ids]), ...]}}``."""
+    return {
+        f"{p.namespace}/{p.name}": {
+            c.name: [(d.resource_name, list(d.device_ids)) for d in c.devices] for c in p.containers
+        }
+        for p in response.pod_resources
+    }
+
+
+def pod_resources_error(call: Callable[[], object]) -> tuple[grpc.StatusCode, str | None]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return details(info.value)
+
+
+def test_pod_resources_list_allocatable_and_get(
+    pr_kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    kubelet = pr_kubelet
+    assert kubelet.pod_resources_socket is not None
+    assert os.stat(os.path.dirname(kubelet.pod_resources_socket)).st_mode & 0o777 == (
+        0o750 & ~_umask()
+    )
+    serving(kubelet, plugins, {"a": HEALTHY, "b": HEALTHY, "c": HEALTHY, "d": UNHEALTHY})
+    kubelet.admit("p1", "app", RESOURCE, 2)
+    kubelet.add_pod("p2", "ns2", {"vm": {RESOURCE: ["c"]}, "sidecar": {}})
+    empty = pr_pb2.ListPodResourcesRequest()
+
+    with pod_resources(kubelet) as lister:
+        assert listed(lister.List(empty, timeout=WAIT)) == {
+            "default/p1": {"app": [(RESOURCE, ["a"]), (RESOURCE, ["b"])]},  # one entry per ID
+            "ns2/p2": {"vm": [(RESOURCE, ["c"])], "sidecar": []},
+        }
+        allocatable = lister.GetAllocatableResources(
+            pr_pb2.AllocatableResourcesRequest(), timeout=WAIT
+        )
+        assert [(d.resource_name, list(d.device_ids)) for d in allocatable.devices] == [
+            (RESOURCE, ["a"]),
+            (RESOURCE, ["b"]),
+            (RESOURCE, ["c"]),
+        ]  # healthy ones, allocated or not
+        got = lister.Get(pr_pb2.GetPodResourcesRequest(pod_name="p2", pod_namespace="ns2"))
+        assert got.pod_resources.name == "p2" and len(got.pod_resources.containers) == 2
+        missing = pr_pb2.GetPodResourcesRequest(pod_name="nobody", pod_namespace="default")
+        assert pod_resources_error(lambda: lister.Get(missing, timeout=WAIT)) == (
+            grpc.StatusCode.UNKNOWN,  # a Go error, not NOT_FOUND
+            "pod nobody in namespace default not found",
+        )
+
+        kubelet.remove_pod("p1")
+        kubelet.terminate_pod("p2", "ns2")
+        assert listed(lister.List(empty, timeout=WAIT)) == {}  # active pods only
+        finished = pr_pb2.GetPodResourcesRequest(pod_name="p2", pod_namespace="ns2")
+        assert lister.Get(finished, timeout=WAIT).pod_resources.name == "p2"  # still known
+    assert kubelet.allocated(RESOURCE) == set()
+    assert [c.method for c in kubelet.pod_resources_calls] == [
+        "List",
+        "GetAllocatableResources",
+        "Get",
+        "Get",
+        "List",
+        "Get",
+    ]
+
+
+def test_pod_resources_allocatable_follows_health(
+    pr_kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    plugin = serving(pr_kubelet, plugins, {"a": HEALTHY, "b": HEALTHY})
+    request = pr_pb2.AllocatableResourcesRequest()
+    with pod_resources(pr_kubelet) as lister:
+        plugin.end_streams()  # disconnected: every device unhealthy
+        assert pr_kubelet.wait_for(RESOURCE, lambda s: not s.connected, WAIT)
+        assert list(lister.GetAllocatableResources(request, timeout=WAIT).devices) == []
+
+
+def test_pod_resources_injected_failure(pr_kubelet: FakeKubelet) -> None:
+    kubelet = pr_kubelet
+    kubelet.add_pod("p1", "default", {"app": {}})
+    empty = pr_pb2.ListPodResourcesRequest()
+    get = pr_pb2.GetPodResourcesRequest(pod_name="p1", pod_namespace="default")
+    with pod_resources(kubelet) as lister:
+        kubelet.pod_resources_fail(grpc.StatusCode.UNAVAILABLE)
+        assert pod_resources_error(lambda: lister.List(empty, timeout=WAIT)) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "fake kubelet: UNAVAILABLE",
+        )
+        kubelet.pod_resources_fail(grpc.StatusCode.INTERNAL, "boom", methods={"Get"})
+        assert len(lister.List(empty, timeout=WAIT).pod_resources) == 1
+        assert pod_resources_error(lambda: lister.Get(get, timeout=WAIT)) == (
+            grpc.StatusCode.INTERNAL,
+            "boom",
+        )
+        kubelet.pod_resources_fail(None)
+        assert lister.Get(get, timeout=WAIT).pod_resources.name == "p1"
+    codes = [c.code for c in kubelet.pod_resources_calls]
+    assert codes == [
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.OK,
+    ]
+
+
+@pytest.mark.parametrize("leave_socket", [False, True])
+def test_pod_resources_stop_and_start_alone(
+    pr_kubelet: FakeKubelet, plugins: Callable[..., TinyPlugin], leave_socket: bool
+) -> None:
+    kubelet = pr_kubelet
+    path = kubelet.pod_resources_socket
+    assert path is not None
+    serving(kubelet, plugins, {"a": HEALTHY})
+    empty = pr_pb2.ListPodResourcesRequest()
+
+    kubelet.stop_pod_resources(leave_socket=leave_socket)
+    assert not kubelet.pod_resources_running
+    assert os.path.exists(path) is leave_socket
+    with pod_resources(kubelet) as lister:
+        code, _ = pod_resources_error(lambda: lister.List(empty, timeout=1.0))
+        assert code == grpc.StatusCode.UNAVAILABLE
+    assert kubelet.state(RESOURCE).connected  # the device plugin side is untouched
+
+    kubelet.start_pod_resources()
+    with pod_resources(kubelet) as lister:
+        assert list(lister.List(empty, timeout=WAIT).pod_resources) == []
+    kubelet.restart()  # a new kubelet instance serves PodResources again
+    assert kubelet.pod_resources_running and os.path.exists(path)
+    with pod_resources(kubelet) as lister:
+        assert list(lister.List(empty, timeout=WAIT).pod_resources) == []
+
+
+def test_pod_resources_rate_limit(plugin_dir: str, hold_dir: str) -> None:
+    path = os.path.join(hold_dir, "pr.sock")
+    empty = pr_pb2.ListPodResourcesRequest()
+    limited = FakeKubelet(plugin_dir, pod_resources_socket=path, pod_resources_rate_limit=(1.0, 3))
+    with limited, pod_resources(limited) as lister:
+        for _ in range(3):  # the burst
+            lister.List(empty, timeout=WAIT)
+        assert pod_resources_error(lambda: lister.List(empty, timeout=WAIT)) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            RATE_LIMITED,
+        )
+        time.sleep(1.1)  # one token back
+        lister.List(empty, timeout=WAIT)
+    unlimited = FakeKubelet(plugin_dir, pod_resources_socket=path)  # off by default
+    with unlimited, pod_resources(unlimited) as lister:
+        for _ in range(50):
+            lister.List(empty, timeout=WAIT)
+
+
+def test_pod_resources_get_behind_its_gate(plugin_dir: str, hold_dir: str) -> None:
+    path = os.path.join(hold_dir, "pr.sock")
+    with FakeKubelet(plugin_dir, pod_resources_socket=path, pod_resources_get=False) as k:
+        k.add_pod("p1", "default", {})
+        request = pr_pb2.GetPodResourcesRequest(pod_name="p1", pod_namespace="default")
+        with pod_resources(k) as lister:
+            assert pod_resources_error(lambda: lister.Get(request, timeout=WAIT)) == (
+                grpc.StatusCode.UNKNOWN,
+                "PodResources API Get method disabled",
+            )
+
+
+# -- kubelet 1.20 registration order ---------------------------------------------------------
+
+
+@pytest.fixture
+def legacy(plugin_dir: str) -> Iterator[FakeKubelet]:
+    with FakeKubelet(plugin_dir, order="legacy", dial_timeout=1.0) as k:
+        yield k
+
+
+def test_legacy_order_answers_first_and_uses_the_request_options(
+    legacy: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    plugin = plugins(
+        devices={"a": HEALTHY},
+        options=api_pb2.DevicePluginOptions(),  # would say: no PreStartContainer
+        host_paths={"a": "/dev/null"},
+    )
+    register(legacy, "tiny.sock", options=api_pb2.DevicePluginOptions(pre_start_required=True))
+    assert legacy.wait_for(RESOURCE, connected_with(1), WAIT)
+    state = legacy.state(RESOURCE)
+    assert state.options == api_pb2.DevicePluginOptions(pre_start_required=True)
+    assert state.options_source == OPTIONS_FROM_REGISTER
+
+    legacy.admit("p1", "app", RESOURCE, 1)
+    legacy.start_container("p1", "app")
+    legacy.restart_container("p1", "app")
+    assert len(plugin.pre_start_requests) == 2  # the request's options rule
+    assert plugin.options_calls == []  # GetDevicePluginOptions is never called
+
+
+def test_legacy_register_without_options(
+    legacy: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    plugin = plugins(
+        devices={"a": HEALTHY},
+        options=api_pb2.DevicePluginOptions(pre_start_required=True),
+        host_paths={"a": "/dev/null"},
+    )
+    register(legacy, "tiny.sock")
+    assert legacy.wait_for(RESOURCE, connected_with(1), WAIT)
+    assert legacy.state(RESOURCE).options is None
+    legacy.admit("p1", "app", RESOURCE, 1)
+    legacy.start_container("p1", "app")
+    assert plugin.pre_start_requests == [] and plugin.options_calls == []
+
+
+def test_legacy_dial_failure_is_not_the_plugins_error(
+    legacy: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    start = time.monotonic()
+    register(legacy, "nobody.sock")  # answered OK before the dial
+    assert time.monotonic() - start < 0.8  # the dial alone takes 1 s to give up
+    [reg] = legacy.registrations
+    assert reg.done and reg.error is None
+    assert until(lambda: reg.connect_error is not None, WAIT)
+    assert reg.connect_error == "failed to dial device plugin: context deadline exceeded"
+    assert not legacy.state(RESOURCE).registered
+
+    err = register_error(legacy, "tiny.sock", version="v1alpha1")  # the checks still answer
+    assert "is not supported by kubelet" in str(details(err)[1])
+
+
+def test_legacy_replaced_endpoint_still_feeds_snapshots(
+    legacy: FakeKubelet, plugins: Callable[..., TinyPlugin]
+) -> None:
+    old = plugins("old.sock", devices={"a": HEALTHY})
+    register(legacy, "old.sock")
+    assert legacy.wait_for(RESOURCE, connected_with(1), WAIT)
+    new = plugins("new.sock", devices={"x": HEALTHY, "y": HEALTHY})
+    register(legacy, "new.sock")
+    assert legacy.wait_for(RESOURCE, lambda s: s.endpoint == "new.sock" and s.capacity == 2, WAIT)
+
+    time.sleep(0.1)
+    assert old.streams_ended == 0  # 1.20 does not close the replaced endpoint
+    old.push({"a": HEALTHY, "b": HEALTHY, "c": HEALTHY})  # keyed by resource name: it counts
+    assert legacy.wait_for(RESOURCE, lambda s: s.capacity == 3, WAIT)
+    old.end_streams()  # and its end no longer matters
+    assert until(lambda: any(e.kind == "stream-ended" for e in legacy.events), WAIT)
+    assert legacy.state(RESOURCE).connected
+    legacy.allocate(RESOURCE, ["a"])
+    assert len(new.allocate_requests) == 1 and old.allocate_requests == []
+
+
+def test_bad_order_refused(plugin_dir: str) -> None:
+    with pytest.raises(ValueError, match="order"):
+        FakeKubelet(plugin_dir, order="1.20")  # type: ignore[arg-type]
