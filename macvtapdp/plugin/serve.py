@@ -9,6 +9,7 @@ and return 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -74,6 +75,9 @@ def serve(settings: Serve) -> int:
         resource.lower,
         plugin.plugin_dir,
     )
+    for directory in (layout.state_dir, layout.taps_dir):  # made by run; by hand, maybe not
+        with contextlib.suppress(OSError):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
     stop = threading.Event()
     health = Health()
     state = StateFile(layout.state_file(resource.name))

@@ -1,4 +1,5 @@
-"""``macvtapdp serve`` as a real process in its own netns, driven by the kubelet stand-in."""
+"""A resource process (``python -m macvtapdp.plugin``) in its own netns, driven by the
+kubelet stand-in, on a machine whose /dev holds other namespaces' and stale taps."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +17,8 @@ import pytest
 
 from tests import frames
 from tests.harness import RESOURCE_DOMAIN, Proc, rmtree, serve_argv, short_tempdir
-from tests.kubelet import FakeKubelet, ResourceState
+from macvtapdp.naming import interface_name
+from tests.kubelet import ContainerStartError, FakeKubelet, ResourceState, StartedDevice
 from tests.netns import NetNS
 
 pytestmark = pytest.mark.kernel
@@ -34,7 +37,7 @@ class Setup:
     procs: list[Proc] = field(default_factory=list)
 
     def serve(self, *options: str, name: str = NAME) -> Proc:
-        opts = options or (f"--master={NAME}", f"--capacity={CAPACITY}")
+        opts = options or (f"--lower={NAME}", f"--capacity={CAPACITY}")
         proc = Proc(self.ns, serve_argv(name, self.plugin_dir, *opts))
         self.procs.append(proc)
         return proc
@@ -87,7 +90,7 @@ def test_registers_and_offers_every_device_healthy(setup: Setup) -> None:
     [reg] = [r for r in setup.kubelet.registrations if r.error is None]
     assert reg.version == "v1beta1" and reg.resource_name == RESOURCE
     assert reg.endpoint.startswith(f"{RESOURCE_DOMAIN}_{NAME}@") and reg.endpoint.endswith(".sock")
-    assert state.options is not None and not state.options.pre_start_required
+    assert state.options is not None and state.options.pre_start_required
     assert proc.output.wait_for(rf"\[{NAME}\] registered {RESOURCE}")
 
 
@@ -129,8 +132,6 @@ def test_allocating_again_returns_the_same_tap(setup: Setup) -> None:
 
 
 def test_anything_else_with_the_name_is_replaced(setup: Setup) -> None:
-    from macvtapdp.naming import interface_name
-
     squatter = interface_name(IDS[1])
     setup.ns.ip("link", "add", squatter, "type", "veth", "peer", "name", "sq0")
     setup.kubelet.start()
@@ -233,7 +234,7 @@ def test_sigterm_ends_the_stream_and_removes_the_socket(setup: Setup) -> None:
 
 def test_passthru_takes_the_whole_link(setup: Setup) -> None:
     setup.kubelet.start()
-    setup.serve(f"--master={NAME}", "--mode=passthru")
+    setup.serve(f"--lower={NAME}", "--mode=passthru", "--capacity=1")
     assert setup.wait(lambda s: s.connected and s.allocatable == 1 == s.capacity)
     path = setup.tap_path(f"{NAME}Mvp0")
     [tap] = setup.ns.macvtaps()
@@ -241,24 +242,147 @@ def test_passthru_takes_the_whole_link(setup: Setup) -> None:
     assert path == f"/dev/tap{tap['ifindex']}"
 
 
-def test_configured_resource_is_looked_up_by_name(setup: Setup) -> None:
-    setup.kubelet.start()
-    conf = f'[{{"name":"{NAME}","lowerDevice":"{NAME}","mode":"vepa","capacity":{CAPACITY}}}]'
-    proc = Proc(setup.ns, serve_argv(NAME, setup.plugin_dir), env={"DP_MACVTAP_CONF": conf})
-    setup.procs.append(proc)
-    setup.all_healthy()
-    setup.tap_path(IDS[0])
-    [tap] = setup.ns.macvtaps()
-    assert tap["linkinfo"]["info_data"]["mode"] == "vepa"
-
-
 def test_bad_options_exit_2_with_one_line(setup: Setup) -> None:
-    proc = Proc(setup.ns, serve_argv("a b", setup.plugin_dir, "--master=x y", "--capacity=0"))
+    proc = Proc(setup.ns, serve_argv("a b", setup.plugin_dir, "--lower=x y", "--capacity=0"))
     assert proc.wait(10) == 2
     assert proc.output.lines == [
-        'macvtapdp: error: serve.name: "a b" is not a valid resource name: use letters, '
+        'macvtapdp: error: settings.name: "a b" is not a valid resource name: use letters, '
         'digits, "-", "_" or ".", starting and ending with a letter or digit',
-        'macvtapdp: error: serve.master: "x y" is not a valid interface name (1-15 printable '
+        'macvtapdp: error: settings.master: "x y" is not a valid interface name (1-15 printable '
         'ASCII characters, not "." or "..", no "/", ":" or whitespace)',
-        "macvtapdp: error: serve.capacity: 0 is out of range; must be between 1 and 1000",
+        "macvtapdp: error: settings.capacity: 0 is out of range; must be between 1 and 1000",
     ]
+
+
+def test_a_name_too_long_for_the_plugin_dir_fails_in_one_line(setup: Setup) -> None:
+    deep = os.path.join(setup.plugin_dir, "d" * 60)
+    os.makedirs(deep)
+    proc = Proc(setup.ns, serve_argv("a" * 30, deep, f"--lower={NAME}"))
+    assert proc.wait(10) == 2
+    [line] = proc.output.lines
+    assert line.startswith("macvtapdp: error: resource name") and "too long" in line
+
+
+# -- what a container gets at every start ----------------------------------------------------
+
+
+def start(setup: Setup, pod: str = "vm") -> StartedDevice:
+    """The container's one device, as the runtime resolves it at this start."""
+    started = setup.kubelet.start_container(pod, "compute")
+    [device] = started.devices
+    return device
+
+
+def admitted(setup: Setup, dev: str = IDS[0], pod: str = "vm") -> str:
+    response = setup.kubelet.admit(pod, "compute", RESOURCE, [dev])
+    [spec] = response.devices
+    return spec.host_path
+
+
+def own_rdev(ns: NetNS, dev: str) -> tuple[int, int]:
+    """major:minor of ``dev``'s macvtap, read from sysfs inside the namespace."""
+    ifname = interface_name(dev)
+    index = ns.link(ifname)["ifindex"]  # type: ignore[index]
+    done = subprocess.run(
+        ns.argv(["cat", f"/sys/class/net/{ifname}/tap{index}/dev"]),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    major, minor = done.stdout.strip().split(":")
+    return int(major), int(minor)
+
+
+def test_every_container_start_gets_the_devices_own_tap(setup: Setup) -> None:
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    path = admitted(setup)
+    for _ in range(3):  # the first start and two restarts, no Allocate in between
+        device = start(setup)
+        assert device.host_path == device.container_path == path
+        assert (device.major, device.minor) == own_rdev(setup.ns, IDS[0])
+    starts = setup.kubelet.starts
+    assert [s.pre_started for s in starts] == [(RESOURCE,)] * 3
+
+
+def test_a_restart_never_gets_another_namespaces_macvtap_at_the_same_path(
+    setup: Setup,
+) -> None:
+    """Our macvtap is gone; another namespace made one at the very /dev/tapN we gave."""
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    path = admitted(setup)
+    start(setup)
+    index = path.removeprefix("/dev/tap")
+    setup.ns.ip("link", "del", interface_name(IDS[0]))
+    other = NetNS()
+    try:
+        other.veth("ol0")
+        other.ip("link", "add", "link", "ol0", "name", "theirs", "index", index, "type", "macvtap")
+        assert os.path.exists(path)  # theirs now
+        with pytest.raises(ContainerStartError, match="another device's"):
+            start(setup)
+        assert os.path.exists(path) and other.link("theirs") is not None  # never touched
+    finally:
+        other.close()
+
+
+def test_a_restart_after_the_macvtap_was_lost_makes_it_again_at_the_same_path(
+    setup: Setup,
+) -> None:
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    path = admitted(setup)
+    start(setup)
+    setup.ns.ip("link", "del", interface_name(IDS[0]))
+    assert not os.path.exists(path)
+    device = start(setup)
+    assert device.host_path == path
+    assert (device.major, device.minor) == own_rdev(setup.ns, IDS[0])
+
+
+def test_a_macvtap_moved_into_the_pod_keeps_its_path(setup: Setup) -> None:
+    """What the macvtap CNI does: look the link up, move it into the pod, rename it."""
+    setup.kubelet.start()
+    setup.serve()
+    setup.all_healthy()
+    path = admitted(setup)
+    pod = NetNS()
+    try:
+        setup.ns.ip("link", "set", IDS[0], "netns", pod.name)  # by the altname, as CNI v0.13
+        pod.ip("link", "set", interface_name(IDS[0]), "name", "net1")
+        pod.ip("link", "set", "net1", "up")
+        device = start(setup)
+        assert device.host_path == path and os.path.exists(path)
+        index = int(path.removeprefix("/dev/tap"))
+        assert pod.link("net1")["ifindex"] == index  # type: ignore[index]
+        assert pod.link("net1")["altnames"] == [IDS[0]]  # type: ignore[index]
+    finally:
+        pod.close()
+
+
+def test_preferred_taps_differ_per_node_so_a_second_plugin_does_not_chase_ours(
+    setup: Setup,
+) -> None:
+    """Two plugins with the same configuration on one kernel each get their own tap."""
+    other = NetNS()
+    other_dir = short_tempdir()
+    other_kubelet = FakeKubelet(other_dir)
+    other.veth(NAME)
+    second = Proc(other, serve_argv(NAME, other_dir, f"--lower={NAME}", f"--capacity={CAPACITY}"))
+    try:
+        setup.kubelet.start()
+        other_kubelet.start()
+        setup.serve()
+        setup.all_healthy()
+        assert other_kubelet.wait_for(RESOURCE, lambda s: s.allocatable == CAPACITY, 10)
+        ours = admitted(setup)
+        [spec] = other_kubelet.admit("vm", "compute", RESOURCE, [IDS[0]]).devices
+        assert spec.host_path != ours
+        assert (start(setup).major, start(setup).minor) == own_rdev(setup.ns, IDS[0])
+    finally:
+        assert second.terminate() == 0
+        other_kubelet.stop()
+        rmtree(other_dir)
+        other.close()
