@@ -76,7 +76,7 @@ def registered_again(name: str, before: ResourceState) -> Callable[[ResourceStat
 def table(stdout: str) -> dict[str, dict[str, str]]:
     """``macvtapdp status`` output: RESOURCE -> {column: cell}, cut at the header's columns."""
     head, *lines = stdout.splitlines()
-    columns = ["RESOURCE", "PROCESS", "PID", "UPTIME", "SERVING", "DEVICES", "KUBELET"]
+    columns = ["RESOURCE", "PROCESS", "PID", "UPTIME", "SERVING", "DEVICES", "KUBELET", "SWEEP"]
     starts = [head.index(c) for c in columns] + [head.index("LOWER LINK")]
     names = [*columns, "LOWER LINK"]
     rows: dict[str, dict[str, str]] = {}
@@ -266,7 +266,7 @@ class CrashLoop(threading.Thread):
         deadline = time.monotonic() + self.timeout
         with self.node.supervisor() as rpc:
             while time.monotonic() < deadline:
-                info = rpc.getProcessInfo(self.program)
+                info = rpc.call("getProcessInfo", self.program)
                 state, pid = str(info["statename"]), int(info["pid"])
                 if not self.states or self.states[-1] != state:
                     self.states.append(state)
@@ -311,7 +311,9 @@ def test_crash_loop_ends_fatal_and_the_watchdog_brings_it_back(e2e: E2E) -> None
     )
     assert registered - loop.fatal_at < 15.0
     assert back.endpoint != before[B].endpoint
-    assert e2e.node.output.wait_for(rf"\[{WATCHDOG}\] {program(B)} is FATAL; starting it again")
+    assert e2e.node.output.wait_for(
+        rf"\[{WATCHDOG}\] {program(B)}:{program(B)} has been FATAL for 5 s; starting it again"
+    )
     assert int(now[program(B)]["pid"]) not in loop.killed
     for name in (A, C):
         assert int(now[program(name)]["pid"]) == pids[program(name)]
@@ -476,9 +478,14 @@ def test_every_line_is_attributed_and_supervisord_lines_are_single(e2e: E2E) -> 
     lines = e2e.node.output.lines
 
     assert lines[0].startswith(f"macvtapdp: 3 resources from DP_MACVTAP_CONF: {A}, {B}, {C};")
+    # run says, once per resource, which lower link is missing (a NIC may come later)
+    assert lines[1] == (
+        f"macvtapdp: warning: resource {C}: lower link {C} does not exist; its devices stay "
+        "Unhealthy until it appears"
+    )
     tags: dict[str, list[str]] = {}
     ours: list[str] = []
-    for line in lines[1:]:
+    for line in lines[2:]:
         if tagged := TAGGED_LOG.fullmatch(line):
             tags.setdefault(tagged[1], []).append(line)
         else:
