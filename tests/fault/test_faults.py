@@ -110,7 +110,7 @@ class Single:
 
     def serve(self, name: str, capacity: int) -> Proc:
         self.ns.veth(name)
-        argv = serve_argv(name, self.plugin_dir, f"--master={name}", f"--capacity={capacity}")
+        argv = serve_argv(name, self.plugin_dir, f"--lower={name}", f"--capacity={capacity}")
         proc = Proc(self.ns, argv)
         self.procs.append(proc)
         return proc
@@ -397,6 +397,7 @@ def test_bad_allocate_requests_are_refused_and_make_nothing(single: Single) -> N
     single.wait(b, all_healthy(cap), "Healthy")
     good = f"{a}Mvp0"
     invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
     cases: list[tuple[str, list[list[str]], grpc.StatusCode]] = [
         ("an unknown ID", [["nopeMvp0"]], missing),
         ("an ID past the capacity", [[f"{a}Mvp{cap}"]], missing),
@@ -408,9 +409,12 @@ def test_bad_allocate_requests_are_refused_and_make_nothing(single: Single) -> N
         ("a good container request and an empty one", [[good], []], invalid),
         ("an ID twice", [[good, good]], invalid),
         ("an ID in two containers", [[good], [good]], invalid),
-        (f"{HUGE} IDs", [[f"{a}Mvp{i}" for i in range(HUGE)]], missing),
-        (f"{HUGE} times a good ID", [[good] * HUGE], invalid),
-        (f"{HUGE} containers", [[good]] * HUGE, invalid),
+        ("1000 IDs", [[f"{a}Mvp{i}" for i in range(1000)]], invalid),
+        # over the 1 MiB the server takes: refused by gRPC itself, one clear status
+        (f"{HUGE} IDs", [[f"{a}Mvp{i}" for i in range(HUGE)]], exhausted),
+        (f"{HUGE} times a good ID", [[good] * HUGE], invalid),  # 0.9 MB: still taken
+        (f"{HUGE} containers", [[good]] * HUGE, exhausted),
+        ("a 2 MB ID", [["x" * (2 << 20)]], exhausted),
     ]
     wrong = []
     for what, requests, code in cases:
