@@ -45,19 +45,20 @@ from bench.rig import (  # noqa: E402
     START_TIMEOUT,
     STEP_TIMEOUT,
     BenchError,
-    LinkEvents,
     ProcMem,
     Rig,
+    StampedLinkEvents,
     is_link,
     median,
     percentile,
 )
-from macvtapdp.rtnl import RTM_DELLINK, RTM_NEWLINK  # noqa: E402
-from tests.harness import (  # noqa: E402
+from harness.processes import (  # noqa: E402
     RESOURCE_DOMAIN,
     all_healthy,
     all_unhealthy,
 )
+from macvtapdp.linux.linkevents import DELLINK as RTM_DELLINK  # noqa: E402
+from macvtapdp.linux.linkevents import NEWLINK as RTM_NEWLINK  # noqa: E402
 
 SCALING = [(1, 100), (3, 100), (10, 100), (1, 10), (1, 1000)]  # (resources, capacity)
 ALLOC_WINDOW = 20  # macvtaps per resource left in the netns while timing Allocate
@@ -365,11 +366,11 @@ def measure_kubelet_to_healthy(rig: Rig, res: Results, rounds: int) -> None:
 def link_step(
     rig: Rig,
     res: Results,
-    events: LinkEvents,
+    events: StampedLinkEvents,
     name: str,
     keys: tuple[str, str],
     action: Callable[[], object],
-    match: Callable[[int, Any], bool],
+    match: Callable[[str, Any], bool],
     healthy: bool,
 ) -> None:
     """Change lower link ``name`` with ``action``; time the stand-in's first snapshot in the
@@ -386,11 +387,11 @@ def link_step(
     res.add(keys[1], ms(snapshot - started))
 
 
-def link_round(rig: Rig, res: Results, events: LinkEvents, name: str) -> None:
+def link_round(rig: Rig, res: Results, events: StampedLinkEvents, name: str) -> None:
     """Set lower link ``name`` down and up; then (full run) delete it and create it again."""
     ns = rig.ns
 
-    def step(keys: tuple[str, str], action: Callable[[], object], kind: int, up: bool) -> None:
+    def step(keys: tuple[str, str], action: Callable[[], object], kind: str, up: bool) -> None:
         match = is_link(name, kind, None if kind == RTM_DELLINK else up)
         link_step(rig, res, events, name, keys, action, match, up)
 
@@ -407,7 +408,7 @@ def link_round(rig: Rig, res: Results, events: LinkEvents, name: str) -> None:
 
 def measure_links(rig: Rig, res: Results, rounds: int) -> None:
     """Each lower link in turn changes; the plugin's reaction is timed from the kernel event."""
-    with contextlib.closing(LinkEvents(rig.ns)) as events:
+    with contextlib.closing(StampedLinkEvents(rig.ns)) as events:
         for n in range(rounds):
             name = rig.names[n % len(rig.names)]
             link_round(rig, res, events, name)
@@ -534,9 +535,9 @@ def measure_floors(rig: Rig, res: Results, count: int) -> None:
         raise BenchError(f"lower link {rig.names[0]} is gone")
     for n in range(count):
         started = time.monotonic()
-        link = rig.rtnl.add_macvtap(f"mdpbench{n}", lower.index, "bridge")
+        rig.rtnl.add_macvtap(f"mdpbench{n}", lower.index, "bridge", index=(1 << 30) + 7000 + n)
         res.add("kernel_floor", ms(time.monotonic() - started))
-        rig.rtnl.delete(link.index)
+        rig.rtnl.delete((1 << 30) + 7000 + n)
 
 
 def measure_memory(rig: Rig, res: Results, phase: str) -> None:

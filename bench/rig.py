@@ -1,5 +1,5 @@
 """The benchmark's test bed: a netns, one veth lower link per resource, the kubelet
-stand-in and the real ``macvtapdp run`` under supervisord (``tests.harness.Node``).
+stand-in and the real ``macvtapdp run`` under supervisord (``harness.processes.Node``).
 
 Every time here is ``time.monotonic()`` of this process: the stand-in stamps its
 ListAndWatch snapshots with it, ``LinkEvents`` stamps the kernel's link events with
@@ -23,10 +23,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from macvtapdp.rtnl import EventsLost, Link, LinkMonitor, Rtnl
-from tests.harness import RESOURCE_DOMAIN, Node, all_healthy, resource, rmtree, until
-from tests.kubelet import FakeKubelet, ResourceState
-from tests.netns import NetNS
+from harness.kubelet import FakeKubelet, ResourceState
+from harness.netns import NetNS
+from harness.processes import RESOURCE_DOMAIN, Node, all_healthy, resource, rmtree, until
+from macvtapdp.errors import EventsLost
+from macvtapdp.linux.linkevents import LinkEvents
+from macvtapdp.linux.netlink import Link, Netlink
 
 START_TIMEOUT = 30.0  # a cold start of 10 resources on 2 busy cores stays well below
 STEP_TIMEOUT = 10.0
@@ -91,19 +93,20 @@ def alive(pid: int) -> bool:
         return False
 
 
-class LinkEvents:
-    """Link events of a netns as a ``LinkMonitor`` of ours reads them, stamped on reading.
+class StampedLinkEvents:
+    """Link events of a netns as the plugin's own ``LinkEvents`` delivers them, stamped.
 
-    A thread blocks in select() on the monitor, so the stamp is the kernel's
-    delivery plus one wake-up: the same path the plugin's own watcher takes.
+    A thread blocks in select() on the queue, so the stamp is the kernel's
+    delivery, pyroute2's parsing and one wake-up: the path the plugin's own
+    watcher takes.
     """
 
     def __init__(self, ns: NetNS) -> None:
         with ns.entered():  # the socket belongs to the netns it is made in
-            self._monitor = LinkMonitor()
+            self._monitor = LinkEvents()
         self._stop_r, self._stop_w = os.pipe()
         self._cond = threading.Condition()
-        self._events: list[tuple[float, int, Link]] = []
+        self._events: list[tuple[float, str, Link]] = []
         self.lost = 0  # times the kernel dropped events (ENOBUFS)
         self._thread = threading.Thread(target=self._run, name="bench-link-events", daemon=True)
         self._thread.start()
@@ -125,7 +128,7 @@ class LinkEvents:
                 self._cond.notify_all()
 
     def first(
-        self, since: float, match: Callable[[int, Link], bool], timeout: float = STEP_TIMEOUT
+        self, since: float, match: Callable[[str, Link], bool], timeout: float = STEP_TIMEOUT
     ) -> float:
         """When the first event at or after ``since`` that ``match``es was read."""
         found: list[float] = []
@@ -147,10 +150,10 @@ class LinkEvents:
         self._monitor.close()
 
 
-def is_link(name: str, kind: int, healthy: bool | None = None) -> Callable[[int, Link], bool]:
+def is_link(name: str, kind: str, healthy: bool | None = None) -> Callable[[str, Link], bool]:
     """Matches events of ``kind`` for link ``name``; with ``healthy``, only in that state."""
 
-    def match(event_kind: int, link: Link) -> bool:
+    def match(event_kind: str, link: Link) -> bool:
         if event_kind != kind or link.name != name:
             return False
         return healthy is None or (link.admin_up and link.oper_ok) == healthy
@@ -182,7 +185,7 @@ class Rig:
             self._stack.callback(self._kill_everything_in_netns)
             self._stack.callback(self._stop_node)
             with self.ns.entered():
-                self.rtnl = Rtnl()
+                self.rtnl = Netlink()
             self._stack.callback(self.rtnl.close)
         except BaseException:
             self._stack.close()

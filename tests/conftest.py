@@ -19,7 +19,7 @@ import pytest
 # gRPC's C core logs at INFO (every GOAWAY of the kubelet stand-in) unless told otherwise
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from tests.netns import NetNS
+from harness.netns import NetNS
 
 # The device IDs the kernel and end-to-end tests allocate most
 TEST_DEVICES = [f"{n}Mvp{i}" for n in ("lw0", "lower0", "eth0", "a", "b", "rb") for i in range(4)]

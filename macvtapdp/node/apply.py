@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from macvtapdp.config import Resource
 from macvtapdp.errors import Refused, Unreachable
-from macvtapdp.node.control import ALREADY_ADDED, BAD_NAME, NOT_RUNNING, Supervisor
+from macvtapdp.node.control import ALREADY_ADDED, BAD_NAME, NOT_RUNNING, Control
 from macvtapdp.node.render import STOP_WAIT_SECONDS, resource_of
 
 POLL = 0.01
@@ -46,7 +46,7 @@ def difference(old: Resource | None, new: Resource | None) -> str:
     return ", ".join(changes)
 
 
-def _tolerate(supervisor: Supervisor, method: str, *args: object, ok: Sequence[int]) -> None:
+def _tolerate(supervisor: Control, method: str, *args: object, ok: Sequence[int]) -> None:
     try:
         supervisor.call(method, *args)
     except Refused as fault:
@@ -55,7 +55,7 @@ def _tolerate(supervisor: Supervisor, method: str, *args: object, ok: Sequence[i
 
 
 def _wait_stopped(
-    supervisor: Supervisor,
+    supervisor: Control,
     groups: Sequence[str],
     clock: Callable[[], float],
     sleep: Callable[[float], None],
@@ -76,7 +76,7 @@ def _wait_stopped(
 
 
 def apply(
-    supervisor: Supervisor,
+    supervisor: Control,
     before: Mapping[str, Resource | None],
     after: Mapping[str, Resource],
     reasons: Mapping[str, str] | None = None,

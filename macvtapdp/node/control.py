@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 import xmlrpc.client
-from typing import Any, Self, cast
+from typing import Any, Protocol, Self, cast
 
 from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
 
@@ -20,6 +20,14 @@ from macvtapdp.errors import Refused, Unreachable
 TIMEOUT = 5.0
 # supervisor.xmlrpc.Faults
 BAD_NAME, NOT_RUNNING, ALREADY_ADDED = 10, 70, 90
+
+
+class Control(Protocol):
+    """What the reconciler and the watchdog need of supervisord (``Supervisor``, or a fake)."""
+
+    def call(self, method: str, *args: Any) -> Any: ...
+
+    def processes(self) -> list[dict[str, Any]]: ...
 
 
 class _Connection(UnixStreamHTTPConnection):  # type: ignore[misc]

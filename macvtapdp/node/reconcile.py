@@ -36,7 +36,7 @@ from macvtapdp.linux.inotify import FILE_CHANGES, DirWatch
 from macvtapdp.linux.linkevents import LinkEvents
 from macvtapdp.linux.netlink import Netlink
 from macvtapdp.node import apply, discovery, programs
-from macvtapdp.node.control import Supervisor
+from macvtapdp.node.control import Control, Supervisor
 from macvtapdp.node.wanted import WantedResources
 from macvtapdp.rundir import Layout
 from macvtapdp.settings import Node
@@ -62,7 +62,7 @@ class Reconciler:
         layout: Layout,
         node: Node,
         wanted: WantedResources,
-        supervisor: Supervisor,
+        supervisor: Control,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.layout = layout

@@ -72,7 +72,6 @@ class LinkState:
             return None
         return (link.index, link.flags & FOLLOWED_FLAGS, link.txqlen, link.master_index)
 
-
     def describe(self) -> str:
         """A few words for logs and status: "up", "down (admin)", "missing", ..."""
         link = self.link

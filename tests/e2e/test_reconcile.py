@@ -26,7 +26,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
+from harness.kubelet import HEALTHY, UNHEALTHY, FakeKubelet, ResourceState
+from harness.netns import NetNS
+from harness.processes import (
     Node,
     macvtapdp,
     processes_mentioning,
@@ -34,8 +36,6 @@ from tests.harness import (
     short_tempdir,
     until,
 )
-from tests.kubelet import HEALTHY, UNHEALTHY, FakeKubelet, ResourceState
-from tests.netns import NetNS
 
 pytestmark = pytest.mark.e2e
 

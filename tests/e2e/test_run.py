@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
+from harness.kubelet import HEALTHY, UNHEALTHY, FakeKubelet, ResourceState
+from harness.netns import NetNS
+from harness.processes import (
     RESOURCE_DOMAIN,
     Node,
     macvtapdp,
@@ -32,8 +34,6 @@ from tests.harness import (
     short_tempdir,
     until,
 )
-from tests.kubelet import HEALTHY, UNHEALTHY, FakeKubelet, ResourceState
-from tests.netns import NetNS
 
 pytestmark = pytest.mark.e2e
 

@@ -27,8 +27,9 @@ from typing import Any
 import grpc
 import pytest
 
-from macvtapdp.naming import interface_name
-from tests.harness import (
+from harness.kubelet import FakeKubelet, ResourceState
+from harness.netns import NetNS
+from harness.processes import (
     RESOURCE_DOMAIN,
     Node,
     Proc,
@@ -40,8 +41,7 @@ from tests.harness import (
     short_tempdir,
     until,
 )
-from tests.kubelet import FakeKubelet, ResourceState
-from tests.netns import NetNS
+from macvtapdp.naming import interface_name
 
 pytestmark = [pytest.mark.fault, pytest.mark.kernel]
 

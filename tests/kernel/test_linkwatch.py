@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.netns import NetNS
 from macvtapdp.linux import linkevents
 from macvtapdp.linux.bpf import HIGH_INDEX
 from macvtapdp.linux.netlink import Link, Netlink
 from macvtapdp.plugin.linkwatch import LinkState, LinkWatcher
-from tests.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 

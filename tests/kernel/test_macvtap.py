@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from harness import frames
+from harness.netns import NetNS
 from macvtapdp import naming
 from macvtapdp.config import Mode
 from macvtapdp.errors import AllocationError, LinkMissingError, LowerLinkBusy
 from macvtapdp.linux.bpf import HIGH_INDEX
 from macvtapdp.linux.netlink import Link, Netlink
 from macvtapdp.plugin.macvtap import Macvtaps, Tap, candidates, sysfs_rdev
-from tests import frames
-from tests.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
+from harness.netns import NetNS
 from macvtapdp.errors import EventsLost, KernelError
 from macvtapdp.linux.bpf import HIGH_INDEX
 from macvtapdp.linux.linkevents import DELLINK, NEWLINK, LinkEvents
 from macvtapdp.linux.netlink import IFF_LOOPBACK, Link, Netlink
 from macvtapdp.plugin.linkwatch import FOLLOWED_FLAGS
-from tests.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 ARPHRD_LOOPBACK = 772

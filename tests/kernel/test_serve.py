@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from tests import frames
-from tests.harness import RESOURCE_DOMAIN, Proc, rmtree, serve_argv, short_tempdir
+from harness import frames
+from harness.kubelet import ContainerStartError, FakeKubelet, ResourceState, StartedDevice
+from harness.netns import NetNS
+from harness.processes import RESOURCE_DOMAIN, Proc, rmtree, serve_argv, short_tempdir
 from macvtapdp.naming import interface_name
-from tests.kubelet import ContainerStartError, FakeKubelet, ResourceState, StartedDevice
-from tests.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 

@@ -152,7 +152,8 @@ def test_too_many_resources_are_refused() -> None:
     with pytest.raises(ConfigError) as caught:
         config.parse(json.dumps(many))
     assert caught.value.problems == [
-        f"{C}: {config.MAX_RESOURCES + 1} resources; at most {config.MAX_RESOURCES} (one process each)"
+        f"{C}: {config.MAX_RESOURCES + 1} resources; "
+        f"at most {config.MAX_RESOURCES} (one process each)"
     ]
     assert len(config.parse(json.dumps(many[:-1])).resources) == config.MAX_RESOURCES
 

@@ -21,11 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from macvtapdp.api.podresources.v1 import api_pb2 as pr_pb2
-from macvtapdp.api.podresources.v1 import api_pb2_grpc as pr_grpc
-from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
-from tests.harness import until
-from tests.kubelet import (
+from harness.kubelet import (
     CHECKPOINT,
     HEALTHY,
     KUBELET_SOCKET,
@@ -42,6 +38,10 @@ from tests.kubelet import (
     StartedDevice,
     is_extended_resource_name,
 )
+from harness.processes import until
+from macvtapdp.api.podresources.v1 import api_pb2 as pr_pb2
+from macvtapdp.api.podresources.v1 import api_pb2_grpc as pr_grpc
+from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
 
 RESOURCE = "example.com/tiny"
 WAIT = 5.0

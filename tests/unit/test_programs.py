@@ -15,7 +15,6 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +282,7 @@ class Node:
             layout,
             NODE,
             self.wanted,
-            self.sup,  # type: ignore[arg-type]
+            self.sup,
             clock=self.clock,
         )
 

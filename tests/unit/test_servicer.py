@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from harness.processes import until
 from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
 from macvtapdp.config import Resource
 from macvtapdp.errors import AllocationError, LinkMissingError, LowerLinkBusy
@@ -21,7 +22,6 @@ from macvtapdp.plugin.allocator import Allocation
 from macvtapdp.plugin.health import Health
 from macvtapdp.plugin.kubelet import SERVER_OPTIONS, WORKERS
 from macvtapdp.plugin.servicer import MAX_STREAMS, DevicePluginServicer
-from tests.harness import until
 
 RESOURCE = Resource("eth0", "eth0", capacity=3)
 IDS = ["eth0Mvp0", "eth0Mvp1", "eth0Mvp2"]

@@ -37,7 +37,7 @@ def test_childutils_speaks_the_event_listener_protocol_we_rely_on() -> None:
 
 
 def test_a_fatal_program_is_started_once_it_has_been_fatal_long_enough() -> None:
-    clock, started = Clock(), []
+    clock, started = Clock(), list[str]()
     dog = watchdog.Watchdog(started.append, clock)
     fatal = [info("resource-a", "FATAL", stop=1000.0), info("resource-b", "RUNNING", 0)]
     assert dog.check(fatal) == []
@@ -49,7 +49,7 @@ def test_a_fatal_program_is_started_once_it_has_been_fatal_long_enough() -> None
 
 
 def test_backoff_doubles_up_to_a_bound_and_resets_when_running() -> None:
-    clock, started = Clock(), []
+    clock, started = Clock(), list[str]()
     dog = watchdog.Watchdog(started.append, clock)
     delays = []
     for _ in range(7):
@@ -64,7 +64,7 @@ def test_backoff_doubles_up_to_a_bound_and_resets_when_running() -> None:
 
 def test_what_to_restart_comes_from_supervisord_not_from_memory() -> None:
     """A new watchdog (the old one was killed during its backoff) finds the FATAL program."""
-    clock, started = Clock(), []
+    clock, started = Clock(), list[str]()
     clock.now = 2000.0
     fresh = watchdog.Watchdog(started.append, clock)
     fatal = [info("resource-a", "FATAL", stop=1990.0)]

@@ -10,7 +10,6 @@ survive (platform-facts B4).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -23,11 +22,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tests.netns import NetNS
+from harness.netns import NetNS
 
 if TYPE_CHECKING:
+    from harness.kubelet import ResourceState
     from macvtapdp.node.control import Supervisor
-    from tests.kubelet import ResourceState
 
 RESOURCE_DOMAIN = "macvtap.network.kubevirt.io"
 
@@ -192,7 +191,7 @@ class Node:
     """
 
     def __init__(self, ns: NetNS, env: Mapping[str, str] | None = None) -> None:
-        from tests.kubelet import FakeKubelet
+        from harness.kubelet import FakeKubelet
 
         self.ns = ns
         self.env = dict(env or {})
