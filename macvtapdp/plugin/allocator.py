@@ -54,12 +54,24 @@ class Allocation:
 
 
 class Records:
-    """Device ID -> (ifindex handed out, moved into another namespace), kept in a file."""
+    """Device ID -> (ifindex handed out, moved into another namespace), kept in a file.
+
+    The file is written by a thread of its own, at most every ``DELAY`` seconds
+    and only when something changed: an Allocate does not wait for a disk (a
+    full one, or a slow one), and a capacity of 1000 does not make every
+    Allocate serialise 1000 entries. A restart within that delay forgets the
+    newest entries; PreStartContainer then cannot re-make those devices' taps,
+    and says so, but never hands out another's.
+    """
+
+    DELAY = 0.2
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._entries: dict[str, dict[str, object]] = {}
         self._failing = False
+        self._dirty = threading.Event()
+        self._lock = threading.Lock()
         if path is not None:
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(files.read_regular(path, _RECORD_LIMIT))
@@ -69,6 +81,7 @@ class Records:
                         for k, v in data.items()
                         if isinstance(v, dict) and isinstance(v.get("index"), int)
                     }
+            threading.Thread(target=self._writer, name="records", daemon=True).start()
 
     def index(self, dev_id: str) -> int | None:
         entry = self._entries.get(dev_id)
@@ -80,19 +93,38 @@ class Records:
 
     def set(self, dev_id: str, index: int, moved: bool = False) -> None:
         new: dict[str, object] = {"index": index, "moved": moved}
-        if self._entries.get(dev_id) != new:
+        with self._lock:
+            if self._entries.get(dev_id) == new:
+                return
             self._entries[dev_id] = new
-            self._save()
+        self._dirty.set()
 
     def forget(self, dev_id: str) -> None:
-        if self._entries.pop(dev_id, None) is not None:
+        with self._lock:
+            if self._entries.pop(dev_id, None) is None:
+                return
+        self._dirty.set()
+
+    def flush(self) -> None:
+        """Write now if anything changed (at shutdown)."""
+        if self._dirty.is_set():
+            self._dirty.clear()
+            self._save()
+
+    def _writer(self) -> None:
+        while True:
+            self._dirty.wait()
+            time.sleep(self.DELAY)  # coalesce a burst of Allocates
+            self._dirty.clear()
             self._save()
 
     def _save(self) -> None:
         if self.path is None:
             return
+        with self._lock:
+            text = json.dumps(self._entries, sort_keys=True)
         try:
-            files.write_atomically(self.path, json.dumps(self._entries, sort_keys=True))
+            files.write_atomically(self.path, text)
         except OSError as err:
             if not self._failing:
                 log.warning(

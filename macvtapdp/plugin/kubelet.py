@@ -34,6 +34,7 @@ from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
 from macvtapdp.config import Resource
 from macvtapdp.errors import RegistrationError
 from macvtapdp.linux.inotify import IN_CREATE, IN_MOVED_TO, DirWatch
+from macvtapdp.plugin.observe import Observer, Quiet
 from macvtapdp.plugin.servicer import options
 from macvtapdp.statefile import StateFile
 
@@ -101,6 +102,7 @@ class Lifecycle:
         stop: threading.Event,
         watch: DirWatch,
         state: StateFile,
+        observer: Observer | None = None,
     ) -> None:
         self.resource = resource
         self.plugin_dir = plugin_dir
@@ -109,6 +111,7 @@ class Lifecycle:
         self._stop = stop
         self._watch = watch
         self._state = state
+        self._observer = observer or Quiet()
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="grpc")
 
     def run(self) -> None:
@@ -185,6 +188,7 @@ class Lifecycle:
                     delay = min(delay * 2, BACKOFF_MAX)
                 continue
             log.info("registered %s with the kubelet", self.resource.resource_name)
+            self._observer.registered()
             self._state.update(kubelet="registered", registered=time.time())
             return kubelet
         return None

@@ -28,6 +28,7 @@ from macvtapdp.plugin.health import Health
 from macvtapdp.plugin.kubelet import Lifecycle
 from macvtapdp.plugin.linkwatch import LinkState, LinkWatcher
 from macvtapdp.plugin.macvtap import Macvtaps
+from macvtapdp.plugin.observe import Observer, Quiet
 from macvtapdp.plugin.servicer import DevicePluginServicer
 from macvtapdp.rundir import Layout
 from macvtapdp.settings import Serve
@@ -83,8 +84,11 @@ def serve(settings: Serve) -> int:
     state = StateFile(layout.state_file(resource.name))
     state.update(capacity=resource.capacity, lower=resource.lower)
 
+    observer: Observer = Quiet()
+
     def link_changed(link: LinkState) -> None:
         health.set(healthy=link.healthy, reason=link.describe())
+        observer.health(link.healthy, resource.capacity, link.healthy or link.enslaved)
         verdict = "Healthy" if link.healthy else "Unhealthy"
         log.info("lower link %s is %s: devices %s", resource.lower, link.describe(), verdict)
         state.update(link=link.describe(), healthy=link.healthy)
@@ -98,10 +102,9 @@ def serve(settings: Serve) -> int:
 
     watcher = LinkWatcher(resource.lower, netlink, link_changed, gone)
     macvtaps = Macvtaps(netlink, sysfs=plugin.sysfs)
-    allocator = Allocator(
-        resource, macvtaps, _Lower(watcher), Records(layout.taps_file(resource.name))
-    )
-    servicer = DevicePluginServicer(resource, health, allocator)
+    records = Records(layout.taps_file(resource.name))
+    allocator = Allocator(resource, macvtaps, _Lower(watcher), records)
+    servicer = DevicePluginServicer(resource, health, allocator, observer)
     with DirWatch(plugin.plugin_dir) as watch:
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -117,9 +120,10 @@ def serve(settings: Serve) -> int:
 
         watcher.start()
         try:
-            Lifecycle(resource, plugin.plugin_dir, add_servicer, stop, watch, state).run()
+            Lifecycle(resource, plugin.plugin_dir, add_servicer, stop, watch, state, observer).run()
         finally:
             watcher.stop()
+            records.flush()
             netlink.close()
             state.remove()
     log.info("stopped; socket removed")

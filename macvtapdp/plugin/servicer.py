@@ -27,6 +27,7 @@ from macvtapdp.errors import AllocationError, LinkMissingError, LowerLinkBusy
 from macvtapdp.logs import quoted
 from macvtapdp.plugin.allocator import Allocation
 from macvtapdp.plugin.health import Health, Snapshot
+from macvtapdp.plugin.observe import Observer, Quiet
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,6 @@ class Devices(Protocol):
     def pre_start(self, device_ids: Sequence[str]) -> list[str]: ...
 
 
-class Observer(Protocol):
-    """Told of every Allocate's outcome (the metrics)."""
-
-    def allocated(self, result: str, seconds: float, count: int = 1) -> None: ...
-
-
-class _Quiet:
-    def allocated(self, result: str, seconds: float, count: int = 1) -> None:
-        pass
-
-
 class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
     """Serves ``resource``'s devices: all Healthy or all Unhealthy, with the link."""
 
@@ -68,7 +58,7 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         self.resource = resource
         self.health = health
         self.devices = devices
-        self.observer = observer or _Quiet()
+        self.observer = observer or Quiet()
         self._ids = resource.device_ids()
         self._known = frozenset(self._ids)
         self._lists: dict[Snapshot, api_pb2.ListAndWatchResponse] = {}
