@@ -168,6 +168,8 @@ class ResourceState:
     registered: bool = False  # a Register succeeded in this kubelet instance
     connected: bool = False  # that endpoint's ListAndWatch has not ended
     devices: dict[str, str] = field(default_factory=dict)  # latest snapshot: ID -> health
+    # NUMA node IDs per device, for the Topology Manager; absent: the device has no topology
+    topology: dict[str, tuple[int, ...]] = field(default_factory=dict)
     endpoint: str | None = None  # socket file name of the current endpoint
     # The options the endpoint is used with: GetDevicePluginOptions' answer (order="sync"), or
     # RegisterRequest.options (order="legacy"; None if the request had none).
@@ -1374,6 +1376,11 @@ class FakeKubelet:
     def _snapshot(self, client: _Client, response: api_pb2.ListAndWatchResponse) -> None:
         """``genericDeviceUpdateCallback``: the response replaces the device list."""
         devices = {device.ID: device.health for device in response.devices}
+        topology = {
+            d.ID: tuple(n.ID for n in d.topology.nodes)
+            for d in response.devices
+            if d.HasField("topology") and d.topology.nodes
+        }
         now = time.monotonic()
         with self._cond:
             res = self._resources.get(client.resource)
@@ -1381,7 +1388,7 @@ class FakeKubelet:
             if res is None or (res.client is not client and client not in res.superseded):
                 self._event("ignored", client.resource, f"snapshot from {client.endpoint!r}")
                 return
-            res.state = dataclasses.replace(res.state, devices=devices)
+            res.state = dataclasses.replace(res.state, devices=devices, topology=topology)
             res.history.append((now, dict(devices)))
             healthy = res.state.allocatable
             self._event("snapshot", client.resource, f"{len(devices)} devices, {healthy} healthy")

@@ -130,7 +130,8 @@ class Plugin:
     pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
     sweep_grace: float = DEFAULT_SWEEP_GRACE
     topology: bool = True
-    sysfs: str = "/sys"  # tests point it at a prepared tree
+    sysfs: str = "/sys"  # where taps' device numbers are read (tests: a netns's view)
+    numa_sysfs: str = "/sys"  # where NUMA nodes are read (tests: a prepared tree)
     metrics: bool = True
 
 

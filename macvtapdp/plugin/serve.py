@@ -23,6 +23,7 @@ from macvtapdp.api.v1beta1 import api_pb2_grpc
 from macvtapdp.errors import PermanentError
 from macvtapdp.linux.inotify import DirWatch
 from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.plugin import topology
 from macvtapdp.plugin.allocator import Allocator, Records
 from macvtapdp.plugin.health import Health
 from macvtapdp.plugin.kubelet import Lifecycle
@@ -87,10 +88,12 @@ def serve(settings: Serve) -> int:
     observer: Observer = Quiet()
 
     def link_changed(link: LinkState) -> None:
-        health.set(healthy=link.healthy, reason=link.describe())
+        numa = topology.numa_nodes(link.link, plugin.numa_sysfs) if plugin.topology else None
+        health.set(healthy=link.healthy, reason=link.describe(), numa_nodes=numa)
         observer.health(link.healthy, resource.capacity, link.healthy or link.enslaved)
         verdict = "Healthy" if link.healthy else "Unhealthy"
-        log.info("lower link %s is %s: devices %s", resource.lower, link.describe(), verdict)
+        on = f", NUMA node {','.join(map(str, numa))}" if numa else ""
+        log.info("lower link %s is %s%s: devices %s", resource.lower, link.describe(), on, verdict)
         state.update(link=link.describe(), healthy=link.healthy)
 
     netlink = Netlink()

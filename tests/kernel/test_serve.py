@@ -3,6 +3,7 @@ kubelet stand-in, on a machine whose /dev holds other namespaces' and stale taps
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -386,3 +387,50 @@ def test_preferred_taps_differ_per_node_so_a_second_plugin_does_not_chase_ours(
         other_kubelet.stop()
         rmtree(other_dir)
         other.close()
+
+
+# -- NUMA topology ----------------------------------------------------------------------------
+
+
+def test_a_veth_lower_link_has_no_topology(setup: Setup) -> None:
+    """On CI's kernel the lower links are veths: no device, no NUMA node."""
+    setup.kubelet.start()
+    setup.serve()
+    assert setup.all_healthy().topology == {}
+
+
+def numa_tree(root: str, link: str, node: int) -> None:
+    device = os.path.join(root, "devices", "pci0", link)
+    os.makedirs(device, exist_ok=True)
+    with open(os.path.join(device, "numa_node"), "w") as fh:
+        fh.write(f"{node}\n")
+    net = os.path.join(root, "class", "net", link)
+    os.makedirs(net, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(net, "device"))
+    os.symlink(device, os.path.join(net, "device"))
+
+
+def test_devices_carry_the_lower_links_numa_node_and_follow_it(setup: Setup) -> None:
+    root = os.path.join(setup.plugin_dir, "sys")
+    numa_tree(root, NAME, 1)
+    setup.kubelet.start()
+    setup.serve(f"--lower={NAME}", f"--capacity={CAPACITY}", f"--numa-sysfs={root}")
+    state = setup.wait(lambda s: s.allocatable == CAPACITY and len(s.topology) == CAPACITY)
+    assert state.topology == dict.fromkeys(IDS, (1,))
+    # the lower link made again, on a device of another node
+    setup.ns.ip("link", "del", NAME)
+    numa_tree(root, NAME, 0)
+    setup.ns.veth(NAME)
+    state = setup.wait(lambda s: s.allocatable == CAPACITY and set(s.topology.values()) == {(0,)})
+    assert state.topology == dict.fromkeys(IDS, (0,))
+
+
+def test_no_topology_turns_it_off(setup: Setup) -> None:
+    root = os.path.join(setup.plugin_dir, "sys")
+    numa_tree(root, NAME, 1)
+    setup.kubelet.start()
+    setup.serve(
+        f"--lower={NAME}", f"--capacity={CAPACITY}", f"--numa-sysfs={root}", "--topology=false"
+    )
+    assert setup.all_healthy().topology == {}

@@ -173,3 +173,16 @@ def test_the_programs_supervisord_starts_import_neither_typer_nor_pydantic(modul
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env"), [(["--no-topology"], {}), ([], {"MACVTAPDP_NO_TOPOLOGY": "1"})]
+)
+def test_no_topology_reaches_every_resource_process(args: list[str], env: dict[str, str]) -> None:
+    conf = '[{"name":"eth0","master":"eth0"}]'
+    done = cli("render-config", *args, env={"DP_MACVTAP_CONF": conf, **env})
+    assert done.returncode == 0, done.stderr
+    [command] = [line for line in done.stdout.splitlines() if "macvtapdp.plugin" in line]
+    assert "--topology=false" in command
+    default = cli("render-config", env={"DP_MACVTAP_CONF": conf})
+    assert "--topology=true" in default.stdout
