@@ -132,6 +132,7 @@ class Plugin:
     topology: bool = True
     sysfs: str = "/sys"  # where taps' device numbers are read (tests: a netns's view)
     numa_sysfs: str = "/sys"  # where NUMA nodes are read (tests: a prepared tree)
+    link_filter: bool = True  # the kernel-side filter on link events (the benchmark turns it off)
     metrics: bool = True
 
 

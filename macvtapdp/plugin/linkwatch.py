@@ -99,8 +99,11 @@ class LinkWatcher:
         netlink: Netlink,
         on_change: Callable[[LinkState], None],
         on_gone: Callable[[Link], None] | None = None,
+        *,
+        kernel_filter: bool = True,
     ) -> None:
         self.name = name
+        self._kernel_filter = kernel_filter
         self._netlink = netlink
         self._on_change = on_change
         self._on_gone = on_gone
@@ -209,6 +212,8 @@ class LinkWatcher:
         of a new index, flags back to the old value) can be missed: re-reading
         the link catches it.
         """
+        if not self._kernel_filter:
+            return
         while self._filtered != self._filter_key():
             self._filtered = key = self._filter_key()
             state = (key[1], key[2], key[3]) if key else None

@@ -103,7 +103,9 @@ def serve(settings: Serve) -> int:
         if allocator is not None:
             allocator.gone(link)
 
-    watcher = LinkWatcher(resource.lower, netlink, link_changed, gone)
+    watcher = LinkWatcher(
+        resource.lower, netlink, link_changed, gone, kernel_filter=plugin.link_filter
+    )
     macvtaps = Macvtaps(netlink, sysfs=plugin.sysfs)
     records = Records(layout.taps_file(resource.name))
     allocator = Allocator(resource, macvtaps, _Lower(watcher), records)
