@@ -67,10 +67,6 @@ class DirWatch:
         elif ctypes.get_errno() != errno.ENOENT:
             _check(wd, f"inotify_add_watch {self.path}")
 
-    @property
-    def watching(self) -> bool:
-        return self._wd is not None
-
     def wake(self) -> None:
         """Make a pending or the next ``wait`` return at once (async-signal safe)."""
         with contextlib.suppress(BlockingIOError):  # already woken

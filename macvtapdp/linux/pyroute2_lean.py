@@ -2,10 +2,9 @@
 
 ``import pyroute2`` runs a package ``__init__`` that imports every client the
 library has (NDB, IPDB, nftables, conntrack, wireguard, nl80211, plan9...):
-about 70 modules that a resource process never uses. Importing any
-submodule runs that ``__init__`` first. Measured on the serve path (with grpc
-already loaded): the full import adds 11.8 MiB RSS and 0.11 s, the rtnetlink
-client alone 5.9 MiB and 0.06 s; every resource process pays it.
+about 70 modules that a resource process never uses, and every resource
+process would pay for them (the README has the measured cost). Importing any
+submodule runs that ``__init__`` first.
 
 So the package is registered as a namespace whose ``__init__`` has not run yet,
 and only ``pyroute2.iproute.linux`` is loaded. Anything else asking for

@@ -5,9 +5,8 @@ Stock supervisord 4.3 works in one-second ticks, which a device plugin feels:
 - its handlers only record a signal, and Python retries the interrupted
   ``poll``, so SIGCHLD (a resource died) and SIGTERM (the pod is stopping) wait
   for the poll's 1 s timeout; and ``runforever`` calls ``transition()`` before
-  ``reap()``, so a dead program is restarted one more loop later. A killed
-  resource came back after 1.3-2.4 s instead of a few hundred ms, and shutdown
-  took up to a second per resource;
+  ``reap()``, so a dead program is restarted one more loop later (the README
+  has what that cost a killed resource, and shutdown);
 - it spawns nothing before its first 1 s poll has timed out (fixed upstream
   in 4.4.0.dev0).
 
