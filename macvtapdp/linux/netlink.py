@@ -251,6 +251,20 @@ class Netlink:
 
         self._request(f"add altname {altname} to link {index}", add)
 
+    def add_altname_soon(
+        self, index: int, altname: str, on_error: Callable[[KernelError], None]
+    ) -> None:
+        """``add_altname`` without waiting for it: queued behind the requests before it."""
+
+        async def add() -> None:
+            async with self._serial:
+                try:
+                    await self._ipr.link("property_add", index=index, altname=altname)
+                except Pyroute2Error as err:
+                    on_error(kernel_error(err, f"add altname {altname} to link {index}"))
+
+        asyncio.run_coroutine_threadsafe(add(), self._owner.loop)
+
     def set_up(self, index: int) -> None:
         async def up(ipr: Any) -> None:
             await ipr.link("set", index=index, state="up")

@@ -178,7 +178,7 @@ class Macvtaps:
                 continue  # another device's node, or a stale one: never ours to touch
             try:
                 self.netlink.add_macvtap(
-                    ifname, lower.index, mode.value, index=n, txqlen=lower.txqlen, altname=dev_id
+                    ifname, lower.index, mode.value, index=n, txqlen=lower.txqlen
                 )
             except KernelError as err:
                 if err.errno == errno.EEXIST and self.netlink.link(name=ifname) is None:
@@ -189,6 +189,7 @@ class Macvtaps:
                 raise mapped from err
             rdev = sysfs_rdev(ifname, n, self.sysfs)
             if rdev is not None and node_rdev(path) == rdev:
+                self._altname_soon(n, ifname, dev_id)
                 return Tap(ifname, n, path, rdev)
             # Someone else's node appeared in between (or no devtmpfs): not ours
             log.warning("%s has no node of its own at %s; trying another index", ifname, path)
@@ -246,6 +247,21 @@ class Macvtaps:
                     f"lower link {lower.name} is busy: a port of a bridge, bond or team"
                 )
         return err
+
+    def _altname_soon(self, index: int, ifname: str, dev_id: str) -> None:
+        """The device ID as an altname, added right after Allocate answers.
+
+        Only the macvtap CNI (releases up to v0.13.1) looks the interface up
+        by it, when the pod's sandbox is made, well after the Allocate: the
+        request need not wait for it (it costs half a millisecond). A reused
+        macvtap gets it if it is missing.
+        """
+
+        def failed(err: KernelError) -> None:
+            if err.errno != errno.ENODEV:  # gone already (rolled back): nothing to name
+                log.warning("cannot give %s the altname %s: %s", ifname, dev_id, err)
+
+        self.netlink.add_altname_soon(index, dev_id, failed)
 
     def _passthru_holder(self, lower: Link, ifname: str) -> Link | None:
         """The passthru macvtap (other than ``ifname``) that holds ``lower``, if any."""

@@ -93,6 +93,7 @@ def test_creates_an_up_macvtap_at_a_free_high_index(one: Side) -> None:
     tap, created = one.ensure(mode=Mode.VEPA)
     assert created
     assert_own_tap(tap, one, mode=Mode.VEPA)
+    one.netlink.links()  # a request queued after the altname, which follows the answer
     link = shown(one.ns, IFNAME)
     assert link["txqlen"] == 1234
     assert link["altnames"] == [DEV]  # what released macvtap CNIs look the device up by
@@ -157,6 +158,7 @@ def test_reuses_the_same_macvtap_and_brings_it_up(one: Side) -> None:
     one.ns.ip("link", "set", IFNAME, "down")
     one.ns.ip("link", "property", "del", "dev", IFNAME, "altname", DEV)
     once_more, _ = one.ensure()
+    one.netlink.links()  # after the altname request
     assert created and not created_again
     assert first == again == once_more
     assert_own_tap(once_more, one)  # and up again

@@ -19,7 +19,7 @@ import pytest
 from harness import frames
 from harness.kubelet import ContainerStartError, FakeKubelet, ResourceState, StartedDevice
 from harness.netns import NetNS
-from harness.processes import RESOURCE_DOMAIN, Proc, rmtree, serve_argv, short_tempdir
+from harness.processes import RESOURCE_DOMAIN, Proc, rmtree, serve_argv, short_tempdir, until
 from macvtapdp.naming import interface_name
 
 pytestmark = pytest.mark.kernel
@@ -351,6 +351,8 @@ def test_a_macvtap_moved_into_the_pod_keeps_its_path(setup: Setup) -> None:
     path = admitted(setup)
     pod = NetNS()
     try:
+        # the altname follows the Allocate's answer by a request; the CNI comes much later
+        assert until(lambda: setup.ns.link(IDS[0]) is not None, 5.0)
         setup.ns.ip("link", "set", IDS[0], "netns", pod.name)  # by the altname, as CNI v0.13
         pod.ip("link", "set", interface_name(IDS[0]), "name", "net1")
         pod.ip("link", "set", "net1", "up")
