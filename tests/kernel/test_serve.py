@@ -353,6 +353,10 @@ def test_a_macvtap_moved_into_the_pod_keeps_its_path(setup: Setup) -> None:
     try:
         # the altname follows the Allocate's answer by a request; the CNI comes much later
         assert until(lambda: setup.ns.link(IDS[0]) is not None, 5.0)
+        # both CNI schemes find it: released ones by the device ID, main by the mvt name
+        by_id, by_name = setup.ns.link(IDS[0]), setup.ns.link(interface_name(IDS[0]))
+        assert by_id is not None and by_name is not None
+        assert by_id["ifindex"] == by_name["ifindex"] == int(path.removeprefix("/dev/tap"))
         setup.ns.ip("link", "set", IDS[0], "netns", pod.name)  # by the altname, as CNI v0.13
         pod.ip("link", "set", interface_name(IDS[0]), "name", "net1")
         pod.ip("link", "set", "net1", "up")
