@@ -86,7 +86,7 @@ def _node(
             plugin_dir=plugin_dir,
             run_dir=run_dir,
             pod_resources_socket=pod_resources_socket,
-            sweep_grace=sweep_grace,
+            sweep_grace=settings.check_sweep_grace(sweep_grace),
             topology=not no_topology,
             metrics=bool(metrics_address),
         ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -171,6 +172,15 @@ def check_address(text: str) -> str:
     if not host or any(c.isspace() for c in host):
         raise PermanentError(f"{METRICS_ADDRESS.flag}: {text!r} has no host (use 0.0.0.0:{port})")
     return text
+
+
+def check_sweep_grace(seconds: float) -> float:
+    """The sweep's grace: finite and not negative (0 turns the sweep off); PermanentError."""
+    if not math.isfinite(seconds) or seconds < 0:
+        raise PermanentError(
+            f"{SWEEP_GRACE.flag}: {seconds:g} is not a number of seconds >= 0 (0: never sweep)"
+        )
+    return seconds
 
 
 D = TypeVar("D")

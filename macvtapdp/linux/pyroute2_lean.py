@@ -51,3 +51,11 @@ def rtnl() -> tuple[type[Any], type[Exception]]:
     from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
     return AsyncIPRoute, NetlinkError
+
+
+def ifinfmsg() -> type[Any]:
+    """pyroute2's RTM_*LINK message class (already loaded with the rtnetlink client)."""
+    _register_package()
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg as message  # type: ignore[import-untyped]
+
+    return message  # type: ignore[no-any-return]

@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +37,7 @@ from macvtapdp.errors import (
     MacvtapdpError,
 )
 from macvtapdp.linux.netlink import Link
-from macvtapdp.plugin.macvtap import Macvtaps, Tap, is_wanted, node_path, node_rdev, own_node
+from macvtapdp.plugin.macvtap import Macvtaps, Tap, node_path, node_rdev, own_node
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,13 @@ class Allocator:
     """Makes the macvtaps of ``resource``'s devices on its lower link."""
 
     def __init__(
-        self, resource: Resource, macvtaps: Macvtaps, lower: LowerLink, records: Records
+        self,
+        resource: Resource,
+        macvtaps: Macvtaps,
+        lower: LowerLink,
+        records: Records,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.resource = resource
         self.macvtaps = macvtaps
@@ -155,6 +162,9 @@ class Allocator:
         self.records = records
         self._lock = threading.Lock()
         self._devices = {naming.interface_name(i): i for i in resource.device_ids()}
+        self._ids = frozenset(self._devices.values())
+        self._clock = clock  # the sweep's, which compares against it
+        self._used: dict[str, float] = {}  # device ID -> clock() of its last use
 
     def lower(self, *, fresh: bool = False) -> Link:
         """The lower link: as last seen (no netlink request), or read now."""
@@ -190,6 +200,7 @@ class Allocator:
         made: list[Tap] = []
         done: list[Allocation] = []
         with self._lock:
+            self._mark_used(device_ids)
             try:
                 lower = self._lower.current() or self.lower(fresh=True)
                 for dev_id in device_ids:
@@ -214,6 +225,7 @@ class Allocator:
         """
         notes: list[str] = []
         with self._lock:
+            self._mark_used(device_ids)
             for dev_id in device_ids:
                 notes.append(self._check(dev_id))
         return notes
@@ -263,26 +275,60 @@ class Allocator:
             "moved into another network namespace" if moved else "was deleted",
         )
 
+    def _mark_used(self, device_ids: Sequence[str]) -> None:
+        now = self._clock()
+        for dev_id in device_ids:
+            if dev_id in self._ids:
+                self._used[dev_id] = now
+
+    def used(self) -> dict[str, float]:
+        """Device ID -> ``clock()`` of its last Allocate or PreStartContainer.
+
+        The sweep starts no clock before it: the kubelet lists a pod's devices
+        only after Allocate has returned.
+        """
+        return self._used.copy()
+
     def is_own(self, link: Link) -> str | None:
-        """The device ID whose macvtap ``link`` is (its name, lower link and mode); else None."""
+        """The device ID whose macvtap ``link`` is, else None.
+
+        Its name is a device's, it is a macvtap, and its lower link is ours (in
+        this namespace). Any mode: one left from before the resource's mode
+        changed is this resource's leak all the same.
+        """
         dev_id = self._devices.get(link.name)
-        if dev_id is None:
+        if dev_id is None or link.kind != "macvtap" or link.link_netnsid is not None:
             return None
         lower = self._lower.current()
-        if lower is None or not is_wanted(link, lower, self.resource.mode):
+        if lower is None or link.lower_index != lower.index:
             return None
         return dev_id
 
-    def sweep(self, link: Link, dev_id: str) -> bool:
-        """Delete ``dev_id``'s macvtap ``link`` unless an Allocate is running; True if deleted."""
+    def sweep(self, link: Link, dev_id: str, not_used_since: float | None = None) -> bool:
+        """Delete ``dev_id``'s macvtap ``link``; True if deleted.
+
+        Under the allocator's lock, so never during an Allocate. Nothing is
+        deleted if the macvtap changed since ``link`` was read, or if the device
+        was allocated or pre-started at or after ``not_used_since`` (the
+        kubelet's answer the sweep acted on may predate it). The device's tap
+        record goes with it: an Allocate makes a new macvtap.
+        """
         with self._lock:
-            current = self.macvtaps.netlink.link(name=link.name)
-            if current is None or current.index != link.index:
+            if not_used_since is not None and self._used.get(dev_id, -math.inf) >= not_used_since:
                 return False
-            deleted = self.macvtaps.delete(current)
-            if deleted:
-                self.records.forget(dev_id)
-            return deleted
+            current = self.macvtaps.netlink.link(name=link.name)
+            if current is None or current.index != link.index or self.is_own(current) != dev_id:
+                return False
+            # Forgotten first, so that the link watcher, seeing the macvtap go, does not
+            # report it as "deleted" as it would one deleted by someone else.
+            index, moved = self.records.index(dev_id), self.records.moved(dev_id)
+            self.records.forget(dev_id)
+            try:
+                return self.macvtaps.delete(current)
+            except BaseException:
+                if index is not None:
+                    self.records.set(dev_id, index, moved)
+                raise
 
     def _roll_back(self, made: Sequence[Tap]) -> None:
         for tap in made:

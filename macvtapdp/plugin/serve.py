@@ -1,10 +1,11 @@
 """One resource's process: wires the pieces together.
 
 The lower link's watcher feeds the health every ListAndWatch stream reports,
-the allocator makes macvtaps, and the kubelet lifecycle keeps the socket
-registered. SIGTERM and SIGINT end the streams (so the kubelet sees a clean end
-and marks the devices unhealthy at once), stop the server, remove the socket,
-and return 0.
+the allocator makes macvtaps, the kubelet lifecycle keeps the socket
+registered, and the sweep deletes the macvtaps pods left behind. SIGTERM and
+SIGINT end the streams (so the kubelet sees a clean end and marks the devices
+unhealthy at once), stop the sweep, stop the server, remove the socket, and
+return 0.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from macvtapdp.api.v1beta1 import api_pb2_grpc
 from macvtapdp.errors import PermanentError
 from macvtapdp.linux.inotify import DirWatch
 from macvtapdp.linux.netlink import Link, Netlink
-from macvtapdp.plugin import topology
+from macvtapdp.plugin import sweep, topology
 from macvtapdp.plugin.allocator import Allocator, Records
 from macvtapdp.plugin.health import Health
 from macvtapdp.plugin.kubelet import Lifecycle
@@ -32,7 +33,7 @@ from macvtapdp.plugin.macvtap import Macvtaps
 from macvtapdp.plugin.observe import Observer, Quiet
 from macvtapdp.plugin.servicer import DevicePluginServicer
 from macvtapdp.rundir import Layout
-from macvtapdp.settings import Serve
+from macvtapdp.settings import Serve, check_sweep_grace
 from macvtapdp.statefile import StateFile
 
 log = logging.getLogger("macvtapdp")
@@ -54,6 +55,7 @@ class _Lower:
 def check(settings: Serve) -> None:
     """Refuse what can never work (PermanentError), before anything starts."""
     resource, plugin_dir = settings.resource, settings.plugin.plugin_dir
+    check_sweep_grace(settings.plugin.sweep_grace)
     longest = naming.max_name_length(plugin_dir)
     if len(resource.name) > longest:
         raise PermanentError(
@@ -124,9 +126,12 @@ def serve(settings: Serve) -> int:
             api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
 
         watcher.start()
+        sweeper = sweep.start(resource, plugin, allocator, state, observer)
         try:
             Lifecycle(resource, plugin.plugin_dir, add_servicer, stop, watch, state, observer).run()
         finally:
+            if sweeper is not None:
+                sweeper.stop()
             watcher.stop()
             records.flush()
             netlink.close()
