@@ -85,10 +85,14 @@ def serve(settings: Serve) -> int:
     state.update(capacity=resource.capacity, lower=resource.lower)
 
     observer: Observer = Quiet()
+    if plugin.metrics:  # prometheus_client is loaded only then
+        from macvtapdp.plugin import metrics
+
+        observer = metrics.observer(settings)
 
     def link_changed(link: LinkState) -> None:
         health.set(healthy=link.healthy, reason=link.describe())
-        observer.health(link.healthy, resource.capacity, link.healthy or link.enslaved)
+        observer.health(link.healthy, resource.capacity, link.up)
         verdict = "Healthy" if link.healthy else "Unhealthy"
         log.info("lower link %s is %s: devices %s", resource.lower, link.describe(), verdict)
         state.update(link=link.describe(), healthy=link.healthy)
