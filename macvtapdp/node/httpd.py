@@ -144,7 +144,11 @@ class Server:
         elif (handler := self.routes.get(request.path)) is None:
             response = Response.text(HTTPStatus.NOT_FOUND, "not found\n")
         else:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except Exception:
+                log.exception("metrics endpoint: %s %s failed", request.method, request.path)
+                response = Response.text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
         writer.write(_head(response, allow=response.status == HTTPStatus.METHOD_NOT_ALLOWED))
         if request is None or request.method != "HEAD":
             writer.write(response.body)

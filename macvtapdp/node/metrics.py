@@ -95,7 +95,11 @@ class Endpoint:
     def collect(self) -> list[Metric]:
         with self._files:
             self._sweep()
-            found = metricfiles.collect(self.layout.metrics_dir)
+            try:
+                found = metricfiles.collect(self.layout.metrics_dir)
+            except OSError as err:  # no metrics directory: run by hand, not by `run`
+                log.warning("cannot read the metrics files: %s", err)
+                found = []
         counts, _serial = restarts.read(self.layout.restarts_file)
         family = CounterMetricFamily(
             "macvtapdp_program_restarts",
@@ -144,7 +148,8 @@ class Endpoint:
             for r in sorted(rows, key=lambda r: r.program)
         ]
         ok = all(r.ok for r in rows)
-        return ok, "\n".join([f"{len(rows)} resources", *lines])
+        count = f"{len(rows)} resource" + ("" if len(rows) == 1 else "s")
+        return ok, "\n".join([count, *lines])
 
     async def healthz(self, request: Request) -> Response:
         return _verdict(*await self.alive())

@@ -11,9 +11,9 @@ What must be restarted is read from supervisord at every FATAL event and every
 ``TICK_5``, not remembered: a watchdog killed during a backoff is restarted by
 supervisord and finds the FATAL program again (it forgets only how far the
 delay had grown). With metrics on, it also counts every program's restarts
-(``node.restarts``) for the endpoint. The protocol is supervisor's own ``childutils.listener`` on
-stdin/stdout (so this process logs to stderr); the calls back go through
-``control`` with a timeout.
+(``node.restarts``) for the endpoint. The protocol is supervisor's own
+``childutils.listener`` on stdin/stdout (so this process logs to stderr); the
+calls back go through ``control`` with a timeout.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             body = dict(t.split(":", 1) for t in first.split() if ":" in t)
             name = headers.get("eventname", "")
             if restarts is not None:
-                restarts.event(int(headers.get("serial", "-1")), name, body)
+                serial = headers.get("serial", "")
+                restarts.event(int(serial) if serial.isdigit() else -1, name, body)
                 if name == "TICK_5":
                     restarts.save()  # one that failed (a full disk) is tried again
             handle(watchdog, name, body, processes)

@@ -53,6 +53,12 @@ def test_a_scrape_sums_the_files_and_adds_the_restart_counts(
     assert scraped(endpoint) == got
 
 
+def test_without_a_metrics_directory_a_scrape_has_only_the_restarts(tmp_path: Path) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        endpoint = Endpoint(Layout(str(tmp_path / "nothing")), pool)
+        assert [m.name for m in endpoint.collect()] == ["macvtapdp_program_restarts"]
+
+
 def test_without_supervisord_neither_alive_nor_ready(endpoint: Endpoint) -> None:
     alive, why = endpoint.check_alive()
     assert not alive and why.startswith("supervisord does not answer: cannot reach supervisord")

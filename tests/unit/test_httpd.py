@@ -20,6 +20,10 @@ async def hello(request: Request) -> Response:
     return Response.text(200, f"hello {request.headers.get('x-who', 'you')}\n")
 
 
+async def broken(request: Request) -> Response:
+    raise RuntimeError("a bug")
+
+
 async def big(request: Request) -> Response:
     return Response(200, bytes(BIG))
 
@@ -93,8 +97,9 @@ def running(routes: Mapping[str, Handler], limits: Limits | None = None) -> Iter
 
 
 def test_get_head_and_the_errors() -> None:
-    with running({"/hello": hello}) as srv:
+    with running({"/hello": hello, "/broken": broken}) as srv:
         assert srv.get("/hello?x=1") == (200, b"hello you\n")
+        assert srv.get("/broken") == (500, b"internal error\n")
         answer = srv.ask(b"GET /hello HTTP/1.1\r\nX-Who: me\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello me\n")
         assert b"Connection: close\r\n" in answer and b"Content-Length: 9\r\n" in answer
