@@ -20,7 +20,7 @@ Bounded (``sweep``, by the endpoint at every scrape). A dead process's
 gauges are deleted: nobody reports those devices any more. Its counters and
 histograms are folded into one archive per kind, so a crash loop neither loses
 counts nor piles up files. The fold is crash-safe: a dead writer's file is
-first renamed ``<kind>_<pid>.<g>.dead``, tagged with the archive generation
+first renamed ``<kind>_<pid>.<inode>.<g>.dead``, tagged with the archive generation
 ``g`` it is going into; the archive ``<kind>_archive.<g>.db`` is written whole
 and renamed in place (the commit); only then are the folded files removed.
 ``counted`` takes the newest archive and only the ``.dead`` files tagged
@@ -38,7 +38,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,10 +53,12 @@ FOLDED_KINDS = ("counter", "histogram")
 # A resource process's keys take under 5 KiB even with the longest names (tests check)
 FILE_SIZE = 1 << 14
 LOCK_WAIT = 2.0  # a sweep holds a dead file's lock for one rename
+STALE_NEW = 60.0  # a file in the making is this old only if its maker died
 
 _WRITER = re.compile(r"^(counter|histogram|summary|gauge_[a-z]+)_([0-9]+)\.db$")
 _ARCHIVE = re.compile(r"^(counter|histogram)_archive\.([0-9]+)\.db$")
-_RETIRED = re.compile(r"^(counter|histogram)_([0-9]+)\.([0-9]+)\.dead$")
+# <kind>_<pid>.<inode>.<tag>.dead
+_RETIRED = re.compile(r"^(counter|histogram)_([0-9]+)\.([0-9]+)\.([0-9]+)\.dead$")
 _NEW = ".new"  # files being made: never counted
 
 
@@ -67,29 +69,34 @@ def claim(directory: str, kinds: Sequence[str] = WRITER_KINDS, size: int = FILE_
     """Make (or take over) this process's files, fully allocated and locked.
 
     Returns their descriptors: keep them open, they hold the locks that say
-    this process is alive. Raises OSError (ENOSPC on a full disk) having made
-    nothing it would leave half-made.
+    this process is alive. Raises OSError (ENOSPC on a full disk) having
+    removed again the files it made.
     """
     pid = os.getpid()
-    fds: list[int] = []
+    claimed: list[tuple[int, str | None]] = []  # (fd, path if made here)
     try:
         for kind in kinds:
             path = os.path.join(directory, f"{kind}_{pid}.db")
-            fds.append(_claim(path, fresh=kind.startswith("gauge_"), size=size))
+            fd, made = _claim(path, fresh=kind.startswith("gauge_"), size=size)
+            claimed.append((fd, path if made else None))
     except BaseException:
-        for fd in fds:
+        for fd, made_path in claimed:
+            if made_path is not None:  # still locked by us: nobody else has it
+                with contextlib.suppress(OSError):
+                    os.unlink(made_path)
             os.close(fd)
         raise
-    return fds
+    return [fd for fd, _ in claimed]
 
 
-def _claim(path: str, *, fresh: bool, size: int) -> int:
+def _claim(path: str, *, fresh: bool, size: int) -> tuple[int, bool]:
+    """The locked, allocated file at ``path``, and whether it was made here."""
     for _ in range(10):
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             try:
-                return _create(path, size)
+                return _create(path, size), True
             except FileExistsError:
                 continue
         # left by a dead process that had our pid (a sweep may hold it for a moment)
@@ -104,7 +111,7 @@ def _claim(path: str, *, fresh: bool, size: int) -> int:
                 os.close(fd)
                 continue
             os.posix_fallocate(fd, 0, max(size, os.fstat(fd).st_size))
-            return fd
+            return fd, False
         except BaseException:
             os.close(fd)
             raise
@@ -175,7 +182,7 @@ def counted(directory: str) -> list[str]:
         elif m := _ARCHIVE.match(name):
             if int(m[2]) == newest[m[1]]:
                 chosen.append(name)
-        elif (m := _RETIRED.match(name)) and int(m[3]) > newest[m[1]]:
+        elif (m := _RETIRED.match(name)) and int(m[4]) > newest[m[1]]:
             chosen.append(name)
     return [os.path.join(directory, name) for name in chosen]
 
@@ -234,17 +241,25 @@ def sweep(directory: str) -> Swept:
             if kind.startswith("gauge_live"):
                 done.gauges += _retire(path, None)
             elif kind in FOLDED_KINDS:
-                tag = newest[kind] + 1
-                _retire(path, os.path.join(directory, f"{kind}_{pid}.{tag}.dead"))
-        elif name.endswith(_NEW):
-            _retire(path, None)  # a writer's or a fold's leftover
+                # the inode makes it unique: a pid can die twice before a fold
+                retired = os.path.join(directory, f"{kind}_{pid}.{{}}.{newest[kind] + 1}.dead")
+                _retire(path, retired.format)
+        elif name.endswith(_NEW) and _age(path) > STALE_NEW:
+            _retire(path, None)  # a writer's or a fold's leftover (a fresh one is in the making)
     for kind in FOLDED_KINDS:
         done.folded += _fold(directory, kind)
     return done
 
 
-def _retire(path: str, to: str | None) -> int:
-    """If ``path``'s writer is dead, rename it to ``to`` (None: delete it); 1 if done."""
+def _age(path: str) -> float:
+    try:
+        return time.time() - os.stat(path, follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _retire(path: str, to: Callable[[int], str] | None) -> int:
+    """If ``path``'s writer is dead, rename it to ``to(inode)`` (None: delete it); 1 if done."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -259,7 +274,7 @@ def _retire(path: str, to: str | None) -> int:
         if to is None:
             os.unlink(path)
         else:
-            os.rename(path, to)
+            os.rename(path, to(os.fstat(fd).st_ino))
         return 1
     finally:
         os.close(fd)
@@ -272,7 +287,7 @@ def _fold(directory: str, kind: str) -> int:
     pending = sorted(
         os.path.join(directory, name)
         for name in names
-        if (m := _RETIRED.match(name)) and m[1] == kind and int(m[3]) > current
+        if (m := _RETIRED.match(name)) and m[1] == kind and int(m[4]) > current
     )
     for path in [p for p in pending if not readable(p)]:
         log.warning("metrics file %s cannot be read; its counts are lost", path)

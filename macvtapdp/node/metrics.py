@@ -77,7 +77,7 @@ class Endpoint:
         directory = self.layout.metrics_dir
         try:
             done = metricfiles.sweep(directory)
-        except OSError as err:
+        except Exception as err:  # a full disk, a foreign file: the scrape goes on without
             if not self._sweep_failing:
                 log.warning("cannot sweep the metrics files in %s: %s", directory, err)
             self._sweep_failing = True

@@ -64,20 +64,24 @@ def small_run_dir() -> Iterator[str]:
         os.rmdir(path)
 
 
-def fill(directory: str) -> None:
+def fill(directory: str, leave: int = 0) -> None:
+    """Fill the tmpfs, then free ``leave`` bytes again."""
     fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with contextlib.suppress(OSError):
             while os.write(fd, bytes(4096)):
                 pass
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
     finally:
         os.close(fd)
 
 
+# nothing free; room for the first file, not for the second
+@pytest.mark.parametrize("leave", [0, metricfiles.FILE_SIZE + 4096])
 def test_on_a_full_tmpfs_metrics_are_off_with_one_line_and_nothing_is_left(
-    small_run_dir: str, caplog: pytest.LogCaptureFixture
+    small_run_dir: str, caplog: pytest.LogCaptureFixture, leave: int
 ) -> None:
-    fill(small_run_dir)
+    fill(small_run_dir, leave)
     metrics_dir = os.path.join(small_run_dir, "metrics")
     with pytest.raises(OSError) as raised:
         metricfiles.claim(metrics_dir)

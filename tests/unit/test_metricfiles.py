@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,6 +217,33 @@ def test_a_fold_cut_short_anywhere_counts_each_value_once(
     assert counts(directory) == expected
 
 
+def test_a_pid_that_dies_twice_before_a_fold_keeps_both_counts(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = run_dir / "metrics"
+
+    def crash(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metricfiles, "_write_archive", crash)
+    for created in (2, 3):
+        writer = Writer(run_dir, "a", created=created, stay=False)
+        pid = writer.line.split('"pid": ')[1].split(",")[0]
+        for kind in metricfiles.WRITER_KINDS:  # as if both had had pid 4242
+            os.rename(directory / f"{kind}_{pid}.db", directory / f"{kind}_4242.db")
+        with pytest.raises(OSError):
+            metricfiles.sweep(str(directory))
+    assert (
+        value(counts(directory), "macvtapdp_allocations_total", resource="a", result="created") == 5
+    )
+    monkeypatch.undo()
+    metricfiles.sweep(str(directory))
+    assert (
+        value(counts(directory), "macvtapdp_allocations_total", resource="a", result="created") == 5
+    )
+    assert value(counts(directory), "macvtapdp_registrations_total", resource="a") == 2
+
+
 def test_a_file_left_by_a_dead_process_with_our_pid_is_taken_over(run_dir: Path) -> None:
     """pids are reused: its gauges are not ours to report, its counts stay counted."""
     directory = run_dir / "metrics"
@@ -270,8 +298,12 @@ def test_a_living_writers_file_in_the_making_is_not_removed(run_dir: Path) -> No
     directory = run_dir / "metrics"
     making = directory / "counter_12345.db.new"
     with open(making, "wb") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        metricfiles.sweep(str(directory))  # fresh: being made right now
+        assert making.exists()
+        old = time.time() - 2 * metricfiles.STALE_NEW
+        os.utime(making, (old, old))
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # old, but its maker is alive
         metricfiles.sweep(str(directory))
         assert making.exists()
-    metricfiles.sweep(str(directory))  # its writer died: a leftover
+    metricfiles.sweep(str(directory))  # its maker died: a leftover
     assert not making.exists()
