@@ -3,7 +3,7 @@
 Run as root from the repository root (the package installed in the venv):
 
     sudo .venv/bin/python bench/benchmark.py [--resources N] [--capacity C] [--rounds R]
-        [--allocations A] [--json PATH|-] [--scaling]
+        [--allocations A] [--json PATH|-] [--scaling] [--metrics]
 
 It builds its own network namespace (one veth lower link per resource), a short plugin
 directory and the kubelet stand-in of ``tests/``, runs the real ``macvtapdp run``
@@ -11,7 +11,9 @@ directory and the kubelet stand-in of ``tests/``, runs the real ``macvtapdp run`
 table (median / max against the target) and JSON with every sample and the machine's
 details (default ``/tmp/macvtapdp-bench-<time>.json``). ``--scaling`` then runs the key
 figures again for 1, 3 and 10 resources (capacity 100) and for capacity 10, 100 and 1000
-(one resource) and prints how they grow. Everything it makes is removed on exit, Ctrl-C,
+(one resource) and prints how they grow. ``--metrics`` runs the node with its metrics
+endpoint (off otherwise) and also measures it: scrape time, CPU per scrape and per probe,
+its memory. Everything it makes is removed on exit, Ctrl-C,
 SIGTERM and failure. Times are end to end as the kubelet stand-in sees them, so they
 include the stand-in's own (Python gRPC) overhead; the "floor" rows show how much. Run on
 a quiet machine for figures to keep: on a busy one every figure is noisy.
@@ -62,7 +64,7 @@ from macvtapdp.linux.linkevents import NEWLINK as RTM_NEWLINK  # noqa: E402
 
 SCALING = [(1, 100), (3, 100), (10, 100), (1, 10), (1, 1000)]  # (resources, capacity)
 ALLOC_WINDOW = 20  # macvtaps per resource left in the netns while timing Allocate
-PACKAGES = ("macvtapdp", "grpcio", "protobuf", "supervisor", "xxhash")
+PACKAGES = ("macvtapdp", "grpcio", "protobuf", "supervisor", "xxhash", "prometheus-client")
 
 
 # -- what is measured ---------------------------------------------------------------------------
@@ -158,6 +160,14 @@ SPECS: dict[str, Spec] = {
     "sigterm_to_exit": Spec(
         "SIGTERM -> exit, sockets removed", "sigterm_to_exit", 2000, "exits, sockets left"
     ),
+    # --metrics: the endpoint (its own process), scraped and probed as the cluster would
+    "scrape_p50": Spec("GET /metrics p50", "scrape", None, "", "p50"),
+    "scrape_cpu": Spec("  CPU of the endpoint per /metrics (mean)", "scrape_cpu", None, ""),
+    "healthz_cpu": Spec("probe cost: CPU per httpGet /healthz (mean)", "healthz_cpu", 60, ""),
+    "readyz_cpu": Spec("probe cost: CPU per httpGet /readyz (mean)", "readyz_cpu", 150, ""),
+    "metrics_rss": Spec(
+        "memory: RSS of the metrics endpoint (max)", "metrics_rss", None, "", "max", "MiB"
+    ),
 }
 SCALING_FIGURES = [
     "cold_start",
@@ -177,6 +187,7 @@ class Params:
     rounds: int
     allocations: int
     full: bool = True  # False: only the scaling figures
+    metrics: bool = False  # the node serves metrics (--metrics-address)
 
 
 @dataclass
@@ -553,15 +564,35 @@ def measure_memory(rig: Rig, res: Results, phase: str) -> None:
         if mem.name.startswith("resource-"):
             res.add("serve_rss", mem.rss)
             res.add("serve_pss", mem.pss)
+        elif mem.name == "metrics":
+            res.add("metrics_rss", mem.rss)
     res.add("node_pss", round(sum(m.pss for m in found), 2))
+
+
+def measure_endpoint(rig: Rig, res: Results, count: int) -> None:
+    """GET /metrics, /healthz and /readyz ``count`` times each: latency, and the endpoint's
+    CPU per call (what an httpGet probe costs the node, instead of an exec'd ``status``)."""
+    for path, series in (("/metrics", "scrape"), ("/healthz", "healthz"), ("/readyz", "readyz")):
+        cpu = rig.cpu_seconds("metrics")
+        for _ in range(count):
+            started = time.monotonic()
+            status, body = rig.http_get(path)
+            took = time.monotonic() - started
+            if status != 200:
+                raise BenchError(f"GET {path} answered {status}: {body[:200]}")
+            if series == "scrape":
+                res.add("scrape", ms(took))
+        res.add(f"{series}_cpu", ms((rig.cpu_seconds("metrics") - cpu) / count))
+    say(f"endpoint: GET /metrics p50 {percentile(res.series['scrape'], 50):.2f} ms")
 
 
 def run_suite(params: Params) -> Results:
     """Every figure (or, with ``params.full`` False, the scaling ones) on a fresh rig."""
     res = Results(params)
     full, rounds = params.full, params.rounds
-    say(f"{params.resources} resources x capacity {params.capacity}, {rounds} rounds")
-    with Rig(params.resources, params.capacity) as rig, rig.log_on_failure():
+    metrics = ", metrics on" if params.metrics else ""
+    say(f"{params.resources} resources x capacity {params.capacity}, {rounds} rounds{metrics}")
+    with Rig(params.resources, params.capacity, params.metrics) as rig, rig.log_on_failure():
         measure_cold_start(rig, res, rounds)
         if full:
             measure_kubelet_late(rig, res, rounds)
@@ -574,6 +605,8 @@ def run_suite(params: Params) -> Results:
         if full:
             measure_kill(rig, res, rounds)
         measure_allocate(rig, res, params.allocations)
+        if params.metrics:
+            measure_endpoint(rig, res, 50)
         measure_memory(rig, res, "after allocations")
         measure_sigterm(rig, res)
     return res
@@ -606,7 +639,7 @@ def render(res: Results) -> str:
     headers = ["figure", "target", "Go original", "ours (median / max)", "met?"]
     title = (
         f"macvtapdp: {p.resources} resources x capacity {p.capacity}, {p.rounds} rounds, "
-        f"{p.allocations} allocations"
+        f"{p.allocations} allocations" + (", metrics on" if p.metrics else ", metrics off")
     )
     return "\n".join([title, table(headers, rows), *explanations(res)])
 
@@ -701,6 +734,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="where to write the JSON ('-': stdout)")
     p.add_argument("--scaling", action="store_true", help="also 1-10 resources, capacity 10-1000")
     p.add_argument("--scaling-rounds", type=int, default=3, help="rounds per scaling figure")
+    p.add_argument(
+        "--metrics", action="store_true", help="serve metrics (and measure the endpoint)"
+    )
     args = p.parse_args(argv)
     if not 1 <= args.resources <= 50 or not 1 <= args.capacity <= 1000 or args.rounds < 1:
         p.error("need 1 <= resources <= 50, 1 <= capacity <= 1000, rounds >= 1")
@@ -720,13 +756,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine(), "started": time.strftime("%FT%T%z")}
     began = time.monotonic()
     try:
-        params = Params(args.resources, args.capacity, args.rounds, args.allocations)
+        params = Params(
+            args.resources, args.capacity, args.rounds, args.allocations, metrics=args.metrics
+        )
         main_run = run_suite(params)
         print(render(main_run), flush=True)
         report["run"] = as_json(main_run)
         if args.scaling:
             runs = [
-                run_suite(Params(r, c, args.scaling_rounds, min(args.allocations, 150), full=False))
+                run_suite(
+                    Params(
+                        r, c, args.scaling_rounds, min(args.allocations, 150), False, args.metrics
+                    )
+                )
                 for r, c in SCALING
             ]
             print("\n" + render_scaling(runs), flush=True)

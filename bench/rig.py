@@ -25,7 +25,15 @@ from typing import Any
 
 from harness.kubelet import FakeKubelet, ResourceState
 from harness.netns import NetNS
-from harness.processes import RESOURCE_DOMAIN, Node, all_healthy, resource, rmtree, until
+from harness.processes import (
+    METRICS_ADDRESS,
+    RESOURCE_DOMAIN,
+    Node,
+    all_healthy,
+    resource,
+    rmtree,
+    until,
+)
 from macvtapdp.errors import EventsLost
 from macvtapdp.linux.linkevents import LinkEvents
 from macvtapdp.linux.netlink import Link, Netlink
@@ -164,8 +172,9 @@ def is_link(name: str, kind: str, healthy: bool | None = None) -> Callable[[str,
 class Rig:
     """``resources`` resources named ``lk<i>``, each on its own veth lower link ``lk<i>``."""
 
-    def __init__(self, resources: int, capacity: int) -> None:
+    def __init__(self, resources: int, capacity: int, metrics: bool = False) -> None:
         self.capacity = capacity
+        self.metrics = metrics
         self.names = [f"lk{i}" for i in range(resources)]
         # log lines carry wall-clock times; this turns them into monotonic ones
         self.clock_offset = time.time() - time.monotonic()
@@ -250,7 +259,7 @@ class Rig:
     def start_node(self) -> float:
         """Start ``macvtapdp run``; the time just before its Popen."""
         started = time.monotonic()
-        self.node.start()
+        self.node.start(*([f"--metrics-address={METRICS_ADDRESS}"] if self.metrics else []))
         return started
 
     def sigterm_node(self) -> tuple[float, list[str], list[int]]:
@@ -296,6 +305,17 @@ class Rig:
         found = [proc_memory("supervisord", proc.pid)]
         found += [proc_memory(name, pid) for name, pid in sorted(self.program_pids().items())]
         return [m for m in found if m is not None]
+
+    def cpu_seconds(self, program: str) -> float:
+        """User and system CPU time ``program`` has used so far."""
+        pid = self.program_pids()[program]
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        """GET ``path`` from the node's metrics endpoint."""
+        return self.node.http_get(path)
 
     def log_lines(self) -> list[str]:
         return list(self.node.output.lines) if self.node.proc else []

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from macvtapdp.node.control import Supervisor
 
 RESOURCE_DOMAIN = "macvtap.network.kubevirt.io"
+# each test's node runs in a namespace of its own: a fixed port is free there
+METRICS_ADDRESS = "127.0.0.1:9469"
 
 
 def resource(name: str) -> str:
@@ -252,6 +254,23 @@ class Node:
 
     def pid(self, program: str) -> int:
         return int(str(self.processes()[program]["pid"]))
+
+    def http_get(
+        self, path: str, address: str = METRICS_ADDRESS, timeout: float = 10.0
+    ) -> tuple[int, str]:
+        """GET ``path`` from the node's metrics endpoint: (status, body); OSError if none."""
+        import http.client
+
+        host, _, port = address.rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            with self.ns.entered():  # the socket is made, and stays, in the namespace
+                conn.connect()
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
 
     def stop(self) -> int:
         """SIGTERM to supervisord (the pod's SIGTERM); its exit code."""

@@ -86,6 +86,11 @@ class Layout:
         """prometheus_client's multiprocess files (one set per process)."""
         return self._path("metrics")
 
+    @property
+    def restarts_file(self) -> str:
+        """How often supervisord restarted each program (the watchdog counts)."""
+        return self._path("metrics", "restarts.json")
+
 
 def _refuse(path: str, why: str) -> PermanentError:
     return PermanentError(f"run directory {path}: {why}")

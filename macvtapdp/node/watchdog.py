@@ -10,9 +10,10 @@ program is RUNNING).
 What must be restarted is read from supervisord at every FATAL event and every
 ``TICK_5``, not remembered: a watchdog killed during a backoff is restarted by
 supervisord and finds the FATAL program again (it forgets only how far the
-delay had grown). The protocol is supervisor's own ``childutils.listener`` on
-stdin/stdout (so this process logs to stderr); the calls back go through
-``control`` with a timeout.
+delay had grown). With metrics on, it also counts every program's restarts
+(``node.restarts``) for the endpoint. The protocol is supervisor's own
+``childutils.listener`` on stdin/stdout (so this process logs to stderr); the
+calls back go through ``control`` with a timeout.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from macvtapdp.node.control import Supervisor
 
     try:
-        settings.from_argv(settings.Node, sys.argv[1:] if argv is None else argv)
+        node = settings.from_argv(settings.Node, sys.argv[1:] if argv is None else argv)
     except MacvtapdpError as err:
         print(f"macvtapdp: error: {err}", file=sys.stderr)
         return 2
@@ -115,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             return []
 
     watchdog = Watchdog(start)
+    restarts = None
+    if node.metrics_address:  # the metrics endpoint serves the counts
+        from macvtapdp.node.restarts import Restarts
+        from macvtapdp.rundir import Layout
+
+        restarts = Restarts(Layout(node.plugin.run_dir).restarts_file)
     while True:
         try:
             headers, payload = childutils.listener.wait(sys.stdin, sys.stdout)
@@ -123,7 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             first = payload.split("\n", 1)[0]
             body = dict(t.split(":", 1) for t in first.split() if ":" in t)
-            handle(watchdog, headers.get("eventname", ""), body, processes)
+            name = headers.get("eventname", "")
+            if restarts is not None:
+                serial = headers.get("serial", "")
+                restarts.event(int(serial) if serial.isdigit() else -1, name, body)
+                if name == "TICK_5":
+                    restarts.save()  # one that failed (a full disk) is tried again
+            handle(watchdog, name, body, processes)
         finally:
             childutils.listener.ok(sys.stdout)
 

@@ -60,9 +60,14 @@ class LinkState:
         )
 
     @property
-    def healthy(self) -> bool:
+    def up(self) -> bool:
+        """The link itself: there, administratively up, with a carrier (enslaved or not)."""
         link = self.link
-        return link is not None and link.admin_up and link.oper_ok and not self.enslaved
+        return link is not None and link.admin_up and link.oper_ok
+
+    @property
+    def healthy(self) -> bool:
+        return self.up and not self.enslaved
 
     @property
     def key(self) -> tuple[int, int, int | None, int | None] | None:

@@ -88,11 +88,15 @@ def serve(settings: Serve) -> int:
     state.update(capacity=resource.capacity, lower=resource.lower)
 
     observer: Observer = Quiet()
+    if plugin.metrics:  # prometheus_client is loaded only then
+        from macvtapdp.plugin import metrics
+
+        observer = metrics.observer(settings)
 
     def link_changed(link: LinkState) -> None:
         numa = topology.numa_nodes(link.link, plugin.numa_sysfs) if plugin.topology else None
         health.set(healthy=link.healthy, reason=link.describe(), numa_nodes=numa)
-        observer.health(link.healthy, resource.capacity, link.healthy or link.enslaved)
+        observer.health(link.healthy, resource.capacity, link.up)
         verdict = "Healthy" if link.healthy else "Unhealthy"
         on = f", NUMA node {','.join(map(str, numa))}" if numa else ""
         log.info("lower link %s is %s%s: devices %s", resource.lower, link.describe(), on, verdict)

@@ -151,8 +151,10 @@ def test_status_without_supervisord_exits_4(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["macvtapdp.plugin", "macvtapdp.node.reconcile", "macvtapdp.node.watchdog"]
-)
+    "module",
+    ["macvtapdp.plugin", "macvtapdp.node.reconcile", "macvtapdp.node.watchdog",
+     "macvtapdp.node.metrics"],
+)  # fmt: skip
 def test_the_programs_supervisord_starts_refuse_bad_options_in_one_line(module: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", module, "--bogus=1"], capture_output=True, text=True, timeout=30
@@ -162,8 +164,10 @@ def test_the_programs_supervisord_starts_refuse_bad_options_in_one_line(module: 
 
 
 @pytest.mark.parametrize(
-    "module", ["macvtapdp.plugin.serve", "macvtapdp.node.reconcile", "macvtapdp.node.watchdog"]
-)
+    "module",
+    ["macvtapdp.plugin.serve", "macvtapdp.node.reconcile", "macvtapdp.node.watchdog",
+     "macvtapdp.node.metrics"],
+)  # fmt: skip
 def test_the_programs_supervisord_starts_import_neither_typer_nor_pydantic(module: str) -> None:
     code = (
         f"import sys, {module}; "
@@ -186,3 +190,20 @@ def test_no_topology_reaches_every_resource_process(args: list[str], env: dict[s
     assert "--topology=false" in command
     default = cli("render-config", env={"DP_MACVTAP_CONF": conf})
     assert "--topology=true" in default.stdout
+
+
+@pytest.mark.parametrize("module", ["macvtapdp.plugin.serve", "macvtapdp.node.watchdog"])
+def test_prometheus_client_is_loaded_only_where_it_is_used(module: str) -> None:
+    """A resource process loads it only with metrics on (``plugin.metrics``), at run time."""
+    code = f"import sys, {module}; sys.exit('prometheus_client' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_metrics_program_needs_an_address() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "macvtapdp.node.metrics", "--metrics-address="],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "macvtapdp: error: --metrics-address is empty: nothing to serve\n"
