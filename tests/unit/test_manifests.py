@@ -13,6 +13,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -213,7 +215,36 @@ def test_containerfile_installs_the_entrypoint_and_supervisorctl_config() -> Non
     assert entrypoint() == ["macvtapdp", "run"]
     assert "macvtapdp" in project()["scripts"]
     lines = CONTAINERFILE.read_text(encoding="utf-8").splitlines()
-    assert "COPY etc/supervisord.conf /etc/supervisord.conf" in lines
+    assert "COPY etc/supervisord.conf etc/" in lines  # the package's data file
+
+
+def test_the_package_puts_the_supervisorctl_config_where_supervisorctl_looks_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        data_files = tomllib.load(fh)["tool"]["setuptools"]["data-files"]
+    assert data_files == {"etc": ["etc/supervisord.conf"]}  # <prefix>/etc/supervisord.conf
+    for prefix in ("/usr/local", "/opt/x/.venv"):
+        monkeypatch.setattr(sys, "argv", [f"{prefix}/bin/supervisorctl"])
+        assert ClientOptions().searchpaths[0] == f"{prefix}/etc/supervisord.conf"
+
+
+def test_the_image_is_built_from_pinned_inputs() -> None:
+    lines = CONTAINERFILE.read_text(encoding="utf-8").splitlines()
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert len(bases) == 2 and len(set(bases)) == 1, bases  # build and run on one base
+    name, _, tag = bases[0].partition(":")
+    assert name == "python" and re.fullmatch(r"3\.11\.\d+-slim-bookworm", tag), tag
+    assert "ENV PIP_CONSTRAINT=/src/constraints.txt" in lines
+    assert any("-c /constraints.txt macvtapdp" in line for line in lines)
+    pinned = [
+        line.split("==")[0].lower()
+        for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    ]
+    for requirement in project()["dependencies"]:
+        name = re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0].lower()
+        assert name in pinned or name.replace("-", "_") in pinned, requirement
 
 
 def test_supervisorctl_finds_the_rendered_control_socket() -> None:
