@@ -34,10 +34,11 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.rig import BenchError, Rig, median
+from harness.kubelet import ResourceState
 from harness.processes import all_healthy
 
 RESOURCES = 12
@@ -105,8 +106,7 @@ def trial(
         rig.wait_log(pattern, mark)
     applied = max(t for p in lines if (t := rig.log_time(p, mark)) is not None)
     for name in [*changed, *added]:
-        want = all_healthy(capacity[name], counts.get(name, 0))
-        rig.wait(name, lambda s, w=want, c=capacity[name]: w(s) and s.capacity == c, "applied", 15)
+        rig.wait(name, new_devices(capacity[name], counts.get(name, 0)), "applied", 15)
     for name in removed:
         rig.wait(name, lambda s: not s.connected, "removed", 15)
     registered = max(
@@ -119,6 +119,12 @@ def trial(
         if rig.register_counts()[name] != counts[name]:
             raise BenchError(f"{name} registered again, though it did not change")
     return (applied - started) * 1000, (registered - started) * 1000
+
+
+def new_devices(capacity: int, registered: int) -> Callable[[ResourceState], bool]:
+    """Registered again since ``registered``, with ``capacity`` devices, all Healthy."""
+    healthy = all_healthy(capacity, registered)
+    return lambda s: healthy(s) and s.capacity == capacity
 
 
 def healthy_at(rig: Rig, name: str, since: float, capacity: int) -> float:
