@@ -9,7 +9,7 @@ processes. The fit over N gives the fixed part and the part per resource; a
 readiness probe (``macvtapdp status``) adds its own peak while it runs
 (bench/probes.py).
 
-    sudo .venv/bin/python bench/memory.py [--sizes 1,4,16]
+    .venv/bin/python -m bench.memory [--sizes 1,4,16]  # in the checkout
 """
 
 from __future__ import annotations

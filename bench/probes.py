@@ -10,7 +10,7 @@ readiness (``macvtapdp status``) <= 150 ms CPU.
 Run as root from the install whose figures you want (an editable install adds
 its import finder, ~10 ms, to every call; the image has a regular one)::
 
-    sudo .venv/bin/python bench/probes.py [--calls 30] [--resources 3]
+    .venv/bin/python -m bench.probes [--calls 30] [--resources 3]  # in the checkout
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ registration. Figures, from just before the file operation:
 
 Target (DESIGN.md): applied <= 1 s, whatever the number of changed resources.
 
-    sudo .venv/bin/python bench/reconfig.py [--rounds 5]
+    .venv/bin/python -m bench.reconfig [--rounds 5]  # in the checkout
 """
 
 from __future__ import annotations
