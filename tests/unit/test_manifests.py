@@ -146,12 +146,27 @@ def test_plugin_runs_a_cli_command(monkeypatch: pytest.MonkeyPatch) -> None:
     cli_options(argv, container_env(container), monkeypatch)
 
 
-@pytest.mark.parametrize("probe", ["readinessProbe", "livenessProbe"])
-def test_probe_runs_a_cli_command(probe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("probe", "path"), [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]
+)
+def test_probes_ask_the_metrics_endpoint(probe: str, path: str) -> None:
     container = plugin_container()
-    argv = container[probe]["exec"]["command"]
-    assert argv[:2] == ["macvtapdp", "status"]
-    cli_options(argv, container_env(container), monkeypatch)
+    get = container[probe]["httpGet"]
+    assert get == {"path": path, "port": "metrics"}
+    [port] = [p for p in container["ports"] if p["name"] == get["port"]]
+    assert port["containerPort"] == settings.DEFAULT_METRICS_PORT
+    assert settings.DEFAULT_METRICS_ADDRESS.endswith(f":{port['containerPort']}")
+
+
+def test_the_exec_probes_documented_for_metrics_off_run_cli_commands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = (MANIFESTS / "macvtapdp-daemonset.yml").read_text(encoding="utf-8")
+    found = re.findall(r"^\s*#\s+command: \[(.+)\]$", text, re.MULTILINE)
+    commands = [[w.strip() for w in line.split(",")] for line in found]
+    assert ["macvtapdp", "status"] in commands and ["macvtapdp", "status", "--alive"] in commands
+    for argv in commands:
+        cli_options(argv, container_env(plugin_container()), monkeypatch)
 
 
 def test_plugin_mounts_what_the_code_uses(monkeypatch: pytest.MonkeyPatch) -> None:
