@@ -18,6 +18,7 @@ from typer._click import exceptions as click_errors  # typer >= 0.26 vendors cli
 
 from macvtapdp import naming, settings
 from macvtapdp.errors import PermanentError
+from macvtapdp.node.status import ALIVE_FLAG
 from macvtapdp.settings import Setting
 
 app = typer.Typer(
@@ -204,7 +205,7 @@ def status(
     alive: Annotated[
         bool,
         typer.Option(
-            "--alive",
+            ALIVE_FLAG,
             help="Only check that supervisord answers (a liveness probe: supervisord "
             "and its watchdog restart failed resources themselves).",
         ),
@@ -215,24 +216,9 @@ def status(
     Exit codes, as supervisorctl's: 0 all serving, 3 something is not, 4
     supervisord does not answer.
     """
-    from macvtapdp.errors import Unreachable
     from macvtapdp.node import status as st
-    from macvtapdp.node.control import Supervisor
-    from macvtapdp.rundir import Layout
 
-    layout = Layout(run_dir)
-    try:
-        with Supervisor(layout.server_url) as supervisor:
-            infos = supervisor.processes()
-    except Unreachable as err:
-        print(f"macvtapdp: error: {err}", file=sys.stderr)
-        raise SystemExit(st.EXIT_UNREACHABLE) from None
-    if alive:
-        print(f"supervisord answers: {len(infos)} programs")
-        raise SystemExit(st.EXIT_OK)
-    rows = st.rows(infos, layout)
-    print(st.table(rows))
-    raise SystemExit(st.EXIT_OK if all(r.ok for r in rows) else st.EXIT_DOWN)
+    raise SystemExit(st.report(run_dir, alive))
 
 
 def main(argv: list[str] | None = None) -> int:

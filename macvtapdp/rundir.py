@@ -12,26 +12,41 @@ holds (``lock``). Subdirectories are made fresh: a planted ``state`` symlink or 
 leftover ``programs.d/evil.conf`` cannot survive into a new run. Only ``taps``
 (which device was given which /dev/tapN) is kept if it is a real directory of
 ours: the pods holding those taps outlive a restart of the plugin.
+
+``macvtapdp status`` imports this module on every probe, so it imports only
+what naming paths needs; ``prepare``'s tools are imported when it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
-import shutil
 import stat
-from dataclasses import dataclass
 
 from macvtapdp.errors import PermanentError
 
+DEFAULT_RUN_DIR = "/run/macvtapdp"
+RUN_DIR_FLAG = "--run-dir"
+RUN_DIR_VAR = "MACVTAPDP_RUN_DIR"
 
-@dataclass(frozen=True)
+
 class Layout:
-    """Where the files of one run directory live."""
+    """Where the files of one run directory live (a value: equal if the directory is)."""
 
-    run_dir: str
+    __slots__ = ("run_dir",)
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and other.run_dir == self.run_dir
+
+    def __hash__(self) -> int:
+        return hash(self.run_dir)
+
+    def __repr__(self) -> str:
+        return f"Layout(run_dir={self.run_dir!r})"
 
     def _path(self, *parts: str) -> str:
         return os.path.join(self.run_dir, *parts)
@@ -141,6 +156,8 @@ def prepare(layout: Layout) -> int:
 
 
 def _lock(layout: Layout) -> int:
+    import fcntl
+
     try:
         fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as err:
@@ -171,6 +188,8 @@ def _kept_dir(run_dir: str, path: str) -> None:
 
 def _fresh_dir(run_dir: str, path: str) -> None:
     """Replace ``path`` (whatever it is: a symlink, a file, a directory) by an empty 0700 dir."""
+    import shutil
+
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from macvtapdp import config, naming
+from macvtapdp import config, naming, rundir
 from macvtapdp.config import DEFAULT_CAPACITY, Mode, Resource
 from macvtapdp.errors import PermanentError
 
@@ -34,7 +34,7 @@ class Setting:
     metavar: str | None = None
 
 
-DEFAULT_RUN_DIR = "/run/macvtapdp"
+DEFAULT_RUN_DIR = rundir.DEFAULT_RUN_DIR
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_SWEEP_GRACE = 300.0
 DEFAULT_DISCOVER_GRACE = 5.0
@@ -47,9 +47,9 @@ PLUGIN_DIR = Setting(
     "The kubelet's device-plugin directory (kubelet.sock and the plugin sockets).",
     "DIR",
 )
-RUN_DIR = Setting(
-    "--run-dir",
-    "MACVTAPDP_RUN_DIR",
+RUN_DIR = Setting(  # named in rundir: `status` (every probe) reads it without this module
+    rundir.RUN_DIR_FLAG,
+    rundir.RUN_DIR_VAR,
     "Where supervisord's config, control socket, state and metrics files live.",
     "DIR",
 )

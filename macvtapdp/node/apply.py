@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from macvtapdp.config import Resource
 from macvtapdp.errors import Refused, Unreachable
 from macvtapdp.node.control import ALREADY_ADDED, BAD_NAME, NOT_RUNNING, Control
-from macvtapdp.node.render import STOP_WAIT_SECONDS, resource_of
+from macvtapdp.node.names import resource_of
+from macvtapdp.node.render import STOP_WAIT_SECONDS
 
 POLL = 0.01
 STOP_TIMEOUT = STOP_WAIT_SECONDS + 5.0  # supervisord SIGKILLs after STOP_WAIT_SECONDS

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from macvtapdp.config import Mode, Resource
 from macvtapdp.files import read_regular, write_atomically
-from macvtapdp.node.render import PROGRAM_PREFIX, program_name, render_program
+from macvtapdp.node.names import PROGRAM_PREFIX, program_name
+from macvtapdp.node.render import render_program
 from macvtapdp.rundir import Layout
 from macvtapdp.settings import Node
 

@@ -33,27 +33,14 @@ from collections.abc import Sequence
 from macvtapdp import settings
 from macvtapdp.config import Resource
 from macvtapdp.errors import RenderError
+from macvtapdp.node.names import METRICS, PROGRAM_PREFIX, RECONCILE, WATCHDOG, program_name
 from macvtapdp.rundir import Layout
 from macvtapdp.settings import Node
 
-PROGRAM_PREFIX = "resource-"
-WATCHDOG = "watchdog"
-RECONCILE = "reconcile"
-METRICS = "metrics"
 STOP_WAIT_SECONDS = 5  # SIGTERM, then SIGKILL to the whole process group
 START_SECONDS = 1
 START_RETRIES = 3
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]|\s[;#]")
-
-
-def program_name(resource: str) -> str:
-    """supervisord's name for a resource's program (no ``/``, ``:`` or spaces)."""
-    return PROGRAM_PREFIX + resource
-
-
-def resource_of(program: str) -> str | None:
-    """The resource a program serves, or None for other programs."""
-    return program[len(PROGRAM_PREFIX) :] if program.startswith(PROGRAM_PREFIX) else None
 
 
 def module_argv(module: str) -> list[str]:

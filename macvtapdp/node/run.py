@@ -16,7 +16,9 @@ are written into ``programs.d`` now, so they start at once, and a
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from typing import NoReturn
@@ -128,6 +130,22 @@ def supervisord_argv() -> list[str]:
     return module_argv("macvtapdp.node.supervise")
 
 
+def append_to_files(*fds: int) -> None:
+    """Put ``fds`` in append mode where they are regular files (``run > file``).
+
+    supervisord and its programs open ``/dev/stdout`` again, in append mode; a
+    shell's ``>`` opens the file without it, so anything written to the inherited
+    descriptor itself (supervisord's HTTP server reports errors there) would land at
+    its own offset, over lines appended since. Pipes and terminals need nothing.
+    """
+    for fd in fds:
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        except OSError:
+            continue
+
+
 def say(line: str) -> None:
     print(f"macvtapdp: {line}", file=sys.stderr, flush=True)
 
@@ -137,6 +155,7 @@ def launch(node: Node) -> NoReturn:
     p = plan(node)
     warnings = p.warnings + ([] if p.dynamic and not p.resources else missing_links(p.resources))
     rundir.prepare(p.layout)  # the lock it returns stays open in supervisord
+    append_to_files(1, 2)
     if p.dynamic:
         programs.write(p.layout, p.node, p.resources)
     files.write_atomically(p.layout.node_settings, settings.to_json(p.node))

@@ -1,0 +1,22 @@
+"""supervisord's program names: ``resource-<name>`` per resource, and the helpers.
+
+Apart from ``render`` (which imports the settings and the configuration)
+because ``macvtapdp status`` needs them on every probe.
+"""
+
+from __future__ import annotations
+
+PROGRAM_PREFIX = "resource-"
+WATCHDOG = "watchdog"
+RECONCILE = "reconcile"
+METRICS = "metrics"
+
+
+def program_name(resource: str) -> str:
+    """supervisord's name for a resource's program (no ``/``, ``:`` or spaces)."""
+    return PROGRAM_PREFIX + resource
+
+
+def resource_of(program: str) -> str | None:
+    """The resource a program serves, or None for other programs."""
+    return program[len(PROGRAM_PREFIX) :] if program.startswith(PROGRAM_PREFIX) else None
