@@ -1,9 +1,4 @@
-"""Entry point of the ``macvtapdp`` console script and ``python -m macvtapdp``.
-
-The probes' ``status`` command lines are answered without loading typer (about
-half of a probe's cost, bench/probes.py); everything else, ``status --help``
-and mistakes included, goes to the typer CLI.
-"""
+"""Entry point of the ``macvtapdp`` console script and ``python -m macvtapdp``."""
 
 from __future__ import annotations
 
@@ -11,12 +6,6 @@ import sys
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["status"]:
-        from macvtapdp.node import status
-
-        code = status.main(sys.argv[2:])
-        if code is not None:
-            sys.exit(code)
     from macvtapdp.cli import main as cli
 
     sys.exit(cli())

@@ -18,7 +18,6 @@ from typer._click import exceptions as click_errors  # typer >= 0.26 vendors cli
 
 from macvtapdp import naming, settings
 from macvtapdp.errors import PermanentError
-from macvtapdp.node.status import ALIVE_FLAG
 from macvtapdp.settings import Setting
 
 app = typer.Typer(
@@ -205,7 +204,7 @@ def status(
     alive: Annotated[
         bool,
         typer.Option(
-            ALIVE_FLAG,
+            "--alive",
             help="Only check that supervisord answers (a liveness probe: supervisord "
             "and its watchdog restart failed resources themselves).",
         ),
