@@ -114,12 +114,17 @@ class Proc:
     """A child process in a namespace, with its output collected."""
 
     def __init__(
-        self, ns: NetNS, argv: Sequence[str], env: Mapping[str, str] | None = None
+        self,
+        ns: NetNS,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.argv = list(argv)
         self.popen = subprocess.Popen(
             ns.argv(self.argv),
             env={**os.environ, **(env or {})},
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -200,12 +205,16 @@ class Node:
         self.kubelet = FakeKubelet(self.plugin_dir)
         self.proc: Proc | None = None
 
-    def start(self, *options: str) -> Proc:
-        """``macvtapdp run`` with the node's directories and any further ``options``."""
-        argv = [*macvtapdp(), "run", f"--plugin-dir={self.plugin_dir}", f"--run-dir={self.run_dir}"]
+    def start(self, *options: str, cwd: str | None = None) -> Proc:
+        """``macvtapdp run`` with the node's directories and any further ``options``.
+
+        With ``cwd``, the run directory is given relative to it.
+        """
+        run_dir = os.path.relpath(self.run_dir, cwd) if cwd else self.run_dir
+        argv = [*macvtapdp(), "run", f"--plugin-dir={self.plugin_dir}", f"--run-dir={run_dir}"]
         if not any(o.startswith("--metrics-address") for o in options):
             argv.append("--metrics-address=")
-        self.proc = Proc(self.ns, [*argv, *options], env=self.env)
+        self.proc = Proc(self.ns, [*argv, *options], env=self.env, cwd=cwd)
         return self.proc
 
     @property
