@@ -211,6 +211,8 @@ def mount_tmpfs(host: Host, path: str, size: str) -> None:
 
     def unmount() -> None:
         subprocess.run(["umount", "-l", path], check=False)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
     host.cleanups.append(unmount)
 
