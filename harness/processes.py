@@ -10,6 +10,7 @@ survive (platform-facts B4).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from macvtapdp.node.control import Supervisor
 
 RESOURCE_DOMAIN = "macvtap.network.kubevirt.io"
+_SYS_TGKILL = 234  # x86_64
 
 
 def resource(name: str) -> str:
@@ -183,6 +185,23 @@ def processes_mentioning(*needles: str) -> dict[int, str]:
         if any(n in cmdline or n in environ for n in wanted):
             found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
     return found
+
+
+def threads_taking(pid: int, sig: int) -> list[int]:
+    """The threads of ``pid`` other than its main one that do not block ``sig``."""
+    found = []
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        with open(f"/proc/{pid}/task/{tid}/status") as fh:
+            [blocked] = [int(line.split()[1], 16) for line in fh if line.startswith("SigBlk:")]
+        if tid != pid and not blocked & (1 << (sig - 1)):
+            found.append(tid)
+    return found
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of ``pid`` (as the kernel may pick it for a process's signal)."""
+    if ctypes.CDLL(None, use_errno=True).syscall(_SYS_TGKILL, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
 
 
 def rmtree(path: str) -> None:

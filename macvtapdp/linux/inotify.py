@@ -71,6 +71,11 @@ class DirWatch:
     def watching(self) -> bool:
         return self._wd is not None
 
+    @property
+    def wake_fd(self) -> int:
+        """The write end of the wake pipe (non-blocking), e.g. for ``signal.set_wakeup_fd``."""
+        return self._wake_w
+
     def wake(self) -> None:
         """Make a pending or the next ``wait`` return at once (async-signal safe)."""
         with contextlib.suppress(BlockingIOError):  # already woken

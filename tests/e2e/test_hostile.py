@@ -33,6 +33,8 @@ from harness.processes import (
     resource,
     rmtree,
     short_tempdir,
+    tgkill,
+    threads_taking,
     until,
 )
 from macvtapdp.api.v1beta1 import api_pb2, api_pb2_grpc
@@ -108,13 +110,15 @@ class Host:
         return self.node.kubelet
 
     def start(self, *options: str, names: tuple[str, ...] = (A, B), cwd: str | None = None) -> None:
-        """Kubelet, then ``run``; wait until every resource named is Healthy."""
+        """Kubelet, then ``run``; wait until every resource named is Healthy and has said so
+        (the kubelet can see the devices before the process logs its registration)."""
         if not self.kubelet.running:
             self.kubelet.start()
         self.node.start(*options, cwd=cwd)
         self.started = True
         for name in names:
             self.wait(name, healthy(name), START_TIMEOUT)
+            self.log(rf"\[{name}\] registered {re.escape(resource(name))} with the kubelet")
 
     def start_with_file(self, *items: dict[str, Any], cwd: str | None = None) -> None:
         """``run --config-file`` on a ConfigMap-like volume holding ``items``."""
@@ -666,6 +670,28 @@ def test_a_second_run_on_a_live_run_dir_refuses_and_touches_nothing(host: Host) 
     for name in (A, B):
         state = host.kubelet.state(resource(name))
         assert state.register_count == registered[name] and healthy(name)(state)
+
+
+def test_sigterm_delivered_to_any_thread_of_the_reconciler_stops_it_at_once(host: Host) -> None:
+    """As supervisord's stop (SIGTERM, SIGKILL 5 s later) would find it: the kernel may hand
+    the signal to any thread, and the main one must not sleep on in its select (up to 60 s)."""
+    host.start_with_file(res(A), res(B))
+    pids = host.pids()
+    host.log(r"\[reconcile\] following configuration file ")
+    time.sleep(1.0)  # its first pass is done: the main thread waits in select
+    since = host.mark()
+    [*_, tid] = threads_taking(pids["reconcile"], signal.SIGTERM)
+    sent = time.monotonic()
+    tgkill(pids["reconcile"], tid, signal.SIGTERM)
+    host.log(r"\[reconcile\] stopped$", since)
+    took = time.monotonic() - sent
+    print(f"SIGTERM to a thread of the reconciler: stopped in {took:.3f}s")
+    assert took < 3.0
+    assert until(lambda: host.node.pid("reconcile") not in (0, pids["reconcile"]), 10)
+    after = host.pids()  # supervisord started it again
+    assert {n: p for n, p in after.items() if n != "reconcile"} == {
+        n: p for n, p in pids.items() if n != "reconcile"
+    }
 
 
 # -- 12. hostile configuration files -----------------------------------------------------------

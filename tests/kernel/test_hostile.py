@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -17,7 +18,16 @@ import pytest
 
 from harness.kubelet import FakeKubelet
 from harness.netns import NetNS
-from harness.processes import RESOURCE_DOMAIN, Proc, rmtree, serve_argv, short_tempdir, until
+from harness.processes import (
+    RESOURCE_DOMAIN,
+    Proc,
+    rmtree,
+    serve_argv,
+    short_tempdir,
+    tgkill,
+    threads_taking,
+    until,
+)
 from macvtapdp import config
 from macvtapdp.node import discovery
 
@@ -157,3 +167,25 @@ def test_discovery_offers_at_most_max_resources_links(netns: NetNS) -> None:
     left = verdicts[names[-1]]
     assert not left.offered and left.notable
     assert left.reason == f"more than {config.MAX_RESOURCES} links offered (narrow the filters)"
+
+
+def test_sigterm_delivered_to_any_thread_stops_the_resource_process_at_once(
+    netns: NetNS, kubelet: FakeKubelet
+) -> None:
+    """Python runs handlers in the main thread only: it must wake up for a signal another
+    thread took, not sleep on in its 5 s wait for the plugin directory."""
+    argv = serve_argv(NAME, kubelet.plugin_dir, f"--lower={NAME}", f"--capacity={CAPACITY}")
+    proc = Proc(netns, argv)
+    healthy = kubelet.wait_for(RESOURCE, lambda s: s.connected and s.allocatable == CAPACITY, 10)
+    assert healthy, proc.output.text()
+    assert proc.output.wait_for(rf"\[{NAME}\] registered {RESOURCE}")
+    time.sleep(0.5)  # the main thread is in its wait on the plugin directory by now
+    [*_, tid] = threads_taking(proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    tgkill(proc.pid, tid, signal.SIGTERM)
+    assert proc.wait(10) == 0, proc.output.text()
+    took = time.monotonic() - sent
+    print(f"SIGTERM to thread {tid}: exit in {took:.3f}s")
+    assert took < 3.0, proc.output.text()  # it used to wait out its 5 s directory check
+    assert proc.output.wait_for(rf"\[{NAME}\] stopped; socket removed")
+    assert kubelet.wait_for(RESOURCE, lambda s: not s.connected, 5)
