@@ -600,6 +600,7 @@ def test_a_run_dir_of_any_other_name_starts_its_resources_and_only_those(
     """supervisord includes the program files by a glob, relative to its configuration."""
     base = short_tempdir()
     host.cleanups.append(lambda: rmtree(base))
+    rmtree(host.node.run_dir)  # the node's own, replaced
     host.node.run_dir = os.path.join(base, "run" if name == "relative" else name)
     # a run directory the glob "star*" also matches, with a program file of its own
     other = os.path.join(base, "star-other", "programs.d")
@@ -786,6 +787,7 @@ def long_plugin_dir(host: Host) -> str:
     host.cleanups.append(lambda: rmtree(base))
     plugin_dir = os.path.join(base, "p" * (107 - 40 - 4 - len(base) - 2))
     os.mkdir(plugin_dir)
+    rmtree(host.node.plugin_dir)  # the node's own, replaced
     host.node.plugin_dir = plugin_dir
     host.node.kubelet = FakeKubelet(plugin_dir)
     return plugin_dir
