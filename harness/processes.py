@@ -10,6 +10,7 @@ survive (platform-facts B4).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 RESOURCE_DOMAIN = "macvtap.network.kubevirt.io"
 # each test's node runs in a namespace of its own: a fixed port is free there
 METRICS_ADDRESS = "127.0.0.1:9469"
+_SYS_TGKILL = 234  # x86_64
 
 
 def resource(name: str) -> str:
@@ -116,12 +118,17 @@ class Proc:
     """A child process in a namespace, with its output collected."""
 
     def __init__(
-        self, ns: NetNS, argv: Sequence[str], env: Mapping[str, str] | None = None
+        self,
+        ns: NetNS,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.argv = list(argv)
         self.popen = subprocess.Popen(
             ns.argv(self.argv),
             env={**os.environ, **(env or {})},
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -182,6 +189,23 @@ def processes_mentioning(*needles: str) -> dict[int, str]:
     return found
 
 
+def threads_taking(pid: int, sig: int) -> list[int]:
+    """The threads of ``pid`` other than its main one that do not block ``sig``."""
+    found = []
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        with open(f"/proc/{pid}/task/{tid}/status") as fh:
+            [blocked] = [int(line.split()[1], 16) for line in fh if line.startswith("SigBlk:")]
+        if tid != pid and not blocked & (1 << (sig - 1)):
+            found.append(tid)
+    return found
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send ``sig`` to one thread of ``pid`` (as the kernel may pick it for a process's signal)."""
+    if ctypes.CDLL(None, use_errno=True).syscall(_SYS_TGKILL, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
 def rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -202,12 +226,16 @@ class Node:
         self.kubelet = FakeKubelet(self.plugin_dir)
         self.proc: Proc | None = None
 
-    def start(self, *options: str) -> Proc:
-        """``macvtapdp run`` with the node's directories and any further ``options``."""
-        argv = [*macvtapdp(), "run", f"--plugin-dir={self.plugin_dir}", f"--run-dir={self.run_dir}"]
+    def start(self, *options: str, cwd: str | None = None) -> Proc:
+        """``macvtapdp run`` with the node's directories and any further ``options``.
+
+        With ``cwd``, the run directory is given relative to it.
+        """
+        run_dir = os.path.relpath(self.run_dir, cwd) if cwd else self.run_dir
+        argv = [*macvtapdp(), "run", f"--plugin-dir={self.plugin_dir}", f"--run-dir={run_dir}"]
         if not any(o.startswith("--metrics-address") for o in options):
             argv.append("--metrics-address=")
-        self.proc = Proc(self.ns, [*argv, *options], env=self.env)
+        self.proc = Proc(self.ns, [*argv, *options], env=self.env, cwd=cwd)
         return self.proc
 
     @property

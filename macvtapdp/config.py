@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -281,6 +281,24 @@ def parse(text: str | None, source: str = ENV_VAR) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(resources=tuple(r for r in resources if r), source=source)
+
+
+def check_fits(resources: Sequence[Resource], plugin_dir: str) -> None:
+    """Refuse (ConfigError) names whose socket path would not fit under ``plugin_dir``.
+
+    ``parse`` checks against the default directory only; ``run`` and the
+    reconciler know the actual one, and a name past it could never be served.
+    """
+    limit = naming.max_name_length(plugin_dir)
+    problems = [
+        f"resource {r.name!r}: the name is too long for plugin directory {plugin_dir} "
+        f"({len(r.name)} characters, at most {max(limit, 0)}: its socket path would exceed "
+        f"{naming.MAX_SOCKET_PATH} bytes)"
+        for r in resources
+        if len(r.name) > limit
+    ]
+    if problems:
+        raise ConfigError(problems)
 
 
 def load(env: Mapping[str, str] | None = None, file: str | None = None) -> Config:

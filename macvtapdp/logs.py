@@ -18,6 +18,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import signal
 import sys
 import threading
 from typing import IO
@@ -69,6 +70,9 @@ class _Writer(threading.Thread):
         self._out = out
 
     def run(self) -> None:
+        # SIGTERM must reach the main thread: one that blocks in a read (the watchdog's, on
+        # supervisord's events) is woken only by a signal the kernel delivers to it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         while (record := self._records.get()) is not None:
             dropped = self._handler.take_dropped()
             if dropped:

@@ -67,6 +67,11 @@ class DirWatch:
         elif ctypes.get_errno() != errno.ENOENT:
             _check(wd, f"inotify_add_watch {self.path}")
 
+    @property
+    def wake_fd(self) -> int:
+        """The write end of the wake pipe (non-blocking), e.g. for ``signal.set_wakeup_fd``."""
+        return self._wake_w
+
     def wake(self) -> None:
         """Make a pending or the next ``wait`` return at once (async-signal safe)."""
         with contextlib.suppress(BlockingIOError):  # already woken

@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 import xmlrpc.client
 from http.client import HTTPException
-from xml.parsers.expat import ExpatError
 from typing import Any, Protocol, Self, cast
+from xml.parsers.expat import ExpatError
 
 from supervisor.xmlrpc import SupervisorTransport, UnixStreamHTTPConnection
 

@@ -151,6 +151,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.requested = False
         self._busy = False
+        self._installed = False
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def fileno(self) -> int:
@@ -159,6 +160,9 @@ class StopSignal:
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
+        # a signal the kernel hands to another thread must still wake the main one's select
+        signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._installed = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
@@ -178,6 +182,8 @@ class StopSignal:
             self._busy = False
 
     def close(self) -> None:
+        if self._installed:
+            signal.set_wakeup_fd(-1)
         os.close(self._r)
         os.close(self._w)
 

@@ -24,6 +24,7 @@ after a bounded, growing delay. No resource stays down for good.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shlex
@@ -144,7 +145,8 @@ def render(node: Node, resources: Sequence[Resource], layout: Layout, *, dynamic
         parts.append(_program(f"program:{METRICS}", node_argv("macvtapdp.node.metrics", node)))
     if dynamic:
         parts.append(_program(f"program:{RECONCILE}", node_argv("macvtapdp.node.reconcile", node)))
-        pattern = os.path.join(layout.programs_dir, f"{PROGRAM_PREFIX}*.conf")
+        # a glob: a run dir named like "a[1]" or "b*" must match itself, and nothing else
+        pattern = os.path.join(glob.escape(layout.programs_dir), f"{PROGRAM_PREFIX}*.conf")
         parts.append(_section("include", [("files", pattern)]))
     else:
         parts.extend(render_program(node, r) for r in resources)

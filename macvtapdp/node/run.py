@@ -16,6 +16,7 @@ are written into ``programs.d`` now, so they start at once, and a
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import stat
@@ -23,9 +24,9 @@ import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
-from macvtapdp import config, files, naming, rundir, settings
+from macvtapdp import config, files, rundir, settings
 from macvtapdp.config import Resource
-from macvtapdp.errors import ConfigError, KernelError
+from macvtapdp.errors import KernelError, PermanentError
 from macvtapdp.node import discovery, programs
 from macvtapdp.node.render import module_argv, render
 from macvtapdp.rundir import Layout
@@ -57,29 +58,21 @@ def _discover(filters: discovery.Filters, plugin_dir: str) -> tuple[list[Resourc
     return found, notes
 
 
-def _too_long(resources: list[Resource], plugin_dir: str) -> list[str]:
-    limit = naming.max_name_length(plugin_dir)
-    return [
-        f"resource {r.name!r}: the name is too long for plugin directory {plugin_dir} "
-        f"({len(r.name)} characters, at most {max(limit, 0)}: its socket path would exceed "
-        f"{naming.MAX_SOCKET_PATH} bytes)"
-        for r in resources
-        if len(r.name) > limit
-    ]
-
-
 def plan(node: Node) -> Plan:
     """Validate and render without writing anything (raises PermanentError)."""
+    # Absolute paths (not realpath: a ConfigMap volume swaps the symlinks under the file's):
+    # supervisord includes the program files relative to its own configuration's directory.
+    node = dataclasses.replace(
+        node,
+        plugin=dataclasses.replace(
+            node.plugin,
+            plugin_dir=os.path.abspath(node.plugin.plugin_dir),
+            run_dir=os.path.abspath(node.plugin.run_dir),
+        ),
+        config_file=None if node.config_file is None else os.path.abspath(node.config_file),
+    )
     plugin_dir = node.plugin.plugin_dir
     layout = Layout(node.plugin.run_dir)
-    if node.config_file is not None:
-        # not realpath: a ConfigMap volume swaps the symlinks under this path
-        node = Node(
-            plugin=node.plugin,
-            config_file=os.path.abspath(node.config_file),
-            discovery=node.discovery,
-            metrics_address=node.metrics_address,
-        )
     filters = discovery.Filters.of(node.discovery)
     conf = config.load(file=node.config_file)
     dynamic = node.config_file is not None or conf.discovery
@@ -88,9 +81,7 @@ def plan(node: Node) -> Plan:
         resources, warnings = _discover(filters, plugin_dir)
     else:
         resources = list(conf.resources)
-        problems = _too_long(resources, plugin_dir)
-        if problems:
-            raise ConfigError(problems)
+        config.check_fits(resources, plugin_dir)
     text = render(node, resources, layout, dynamic=dynamic)
     for r in resources if dynamic else ():  # refuse unwritable values before anything is written
         programs.text(node, r)
@@ -150,16 +141,29 @@ def say(line: str) -> None:
     print(f"macvtapdp: {line}", file=sys.stderr, flush=True)
 
 
+def _write(p: Plan) -> None:
+    """Write what supervisord and ``status`` read; one line (PermanentError) if the disk refuses."""
+    what = p.layout.programs_dir
+    try:
+        if p.dynamic:
+            programs.write(p.layout, p.node, p.resources)
+        what = p.layout.node_settings
+        files.write_atomically(what, settings.to_json(p.node))
+        what = p.layout.conf
+        files.write_atomically(what, p.text)
+    except OSError as err:  # a full or read-only run directory
+        raise PermanentError(
+            f"run directory {p.layout.run_dir}: cannot write {what}: {err.strerror or err}"
+        ) from err
+
+
 def launch(node: Node) -> NoReturn:
     """Validate and render (raising PermanentError), then become supervisord."""
     p = plan(node)
     warnings = p.warnings + ([] if p.dynamic and not p.resources else missing_links(p.resources))
     rundir.prepare(p.layout)  # the lock it returns stays open in supervisord
     append_to_files(1, 2)
-    if p.dynamic:
-        programs.write(p.layout, p.node, p.resources)
-    files.write_atomically(p.layout.node_settings, settings.to_json(p.node))
-    files.write_atomically(p.layout.conf, p.text)
+    _write(p)
     say(f"{p.summary}; starting supervisord with {p.layout.conf}")
     for warning in warnings:
         say(f"warning: {warning}")

@@ -70,6 +70,7 @@ class WantedResources:
         assert self.config_file is not None
         try:
             conf = config.load(file=self.config_file)
+            config.check_fits(conf.resources, self.plugin_dir)  # could never be served
         except ConfigError as err:
             problems = tuple(err.problems)
             if problems != self._problems:

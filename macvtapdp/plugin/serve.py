@@ -125,6 +125,10 @@ def serve(settings: Serve) -> int:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        # The kernel may hand SIGTERM to any of our threads, but Python runs the handler
+        # only once the main thread runs again: without this the main thread would sleep on
+        # in its wait (up to 5 s) before it even noticed.
+        signal.set_wakeup_fd(watch.wake_fd, warn_on_full_buffer=False)
 
         def add_servicer(server: grpc.Server) -> None:
             api_pb2_grpc.add_DevicePluginServicer_to_server(servicer, server)
@@ -140,5 +144,6 @@ def serve(settings: Serve) -> int:
             records.flush()
             netlink.close()
             state.remove()
+            signal.set_wakeup_fd(-1)
     log.info("stopped; socket removed")
     return 0
