@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 RESOURCE_DOMAIN = "macvtap.network.kubevirt.io"
 # each test's node runs in a namespace of its own: a fixed port is free there
 METRICS_ADDRESS = "127.0.0.1:9469"
-_SYS_TGKILL = 234  # x86_64
 
 
 def resource(name: str) -> str:
@@ -202,7 +201,7 @@ def threads_taking(pid: int, sig: int) -> list[int]:
 
 def tgkill(pid: int, tid: int, sig: int) -> None:
     """Send ``sig`` to one thread of ``pid`` (as the kernel may pick it for a process's signal)."""
-    if ctypes.CDLL(None, use_errno=True).syscall(_SYS_TGKILL, pid, tid, sig) != 0:
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, sig) != 0:  # glibc >= 2.30
         raise OSError(ctypes.get_errno(), "tgkill")
 
 
