@@ -172,8 +172,12 @@ class Netlink:
             async with self._serial:  # one request at a time: a dump cannot share the socket
                 return await make(self._ipr)
 
+        if self._ipr is None:
+            raise KernelError(errno.ESHUTDOWN, operation, "the netlink client is closed")
         try:
             return self._owner.call(run(), self._timeout)
+        except RuntimeError as err:  # the loop closed while we asked
+            raise KernelError(errno.ESHUTDOWN, operation, "the netlink client is closed") from err
         except Pyroute2Error as err:
             raise kernel_error(err, operation) from err
         except FutureTimeout as err:
@@ -269,20 +273,6 @@ class Netlink:
             await ipr.link("property_add", index=index, altname=altname)
 
         self._request(f"add altname {altname} to link {index}", add)
-
-    def add_altname_soon(
-        self, index: int, altname: str, on_error: Callable[[KernelError], None]
-    ) -> None:
-        """``add_altname`` without waiting for it: queued behind the requests before it."""
-
-        async def add() -> None:
-            async with self._serial:
-                try:
-                    await self._ipr.link("property_add", index=index, altname=altname)
-                except Pyroute2Error as err:
-                    on_error(kernel_error(err, f"add altname {altname} to link {index}"))
-
-        asyncio.run_coroutine_threadsafe(add(), self._owner.loop)
 
     def set_up(self, index: int) -> None:
         async def up(ipr: Any) -> None:

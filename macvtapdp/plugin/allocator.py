@@ -180,7 +180,13 @@ class Allocator:
             if fresh:
                 lower = self.lower(fresh=True)  # also updates health
             try:
-                tap, created = self.macvtaps.ensure(dev_id, ifname, lower, self.resource.mode)
+                tap, created = self.macvtaps.ensure(
+                    dev_id,
+                    ifname,
+                    lower,
+                    self.resource.mode,
+                    exists=self.records.index(dev_id) is not None,
+                )
                 return tap, created, lower
             except (LinkMissingError, LowerLinkBusy):
                 if fresh:

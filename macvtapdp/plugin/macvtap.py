@@ -31,6 +31,8 @@ import logging
 import os
 import socket
 import stat
+import threading
+import time
 from dataclasses import dataclass
 
 import xxhash
@@ -121,21 +123,27 @@ class Macvtaps:
         self.dev_dir = dev_dir
         self.sysfs = sysfs
         self.salt = salt
+        self._altnames = Altnames(netlink)
 
-    def ensure(self, dev_id: str, ifname: str, lower: Link, mode: Mode) -> tuple[Tap, bool]:
+    def ensure(
+        self, dev_id: str, ifname: str, lower: Link, mode: Mode, *, exists: bool = False
+    ) -> tuple[Tap, bool]:
         """The tap of ``dev_id``'s macvtap on ``lower`` in ``mode``, and whether it is new.
 
         Creates first and looks only if the name is taken: a fresh device is
-        the common case. Raises LinkMissingError if ``lower`` went away,
-        LowerLinkBusy if a passthru macvtap holds it, KernelError if the kernel
-        refuses, AllocationError if no free node can be had.
+        the common case. With ``exists`` (the device was handed out before and
+        its macvtap may still be there) it looks first. Raises LinkMissingError
+        if ``lower`` went away, LowerLinkBusy if a passthru macvtap holds it,
+        KernelError if the kernel refuses, AllocationError if no free node can
+        be had.
         """
         for attempt in range(3):
-            try:
-                return self.create(dev_id, ifname, lower, mode), True
-            except KernelError as err:
-                if err.errno != errno.EEXIST:
-                    raise
+            if not (exists and attempt == 0):
+                try:
+                    return self.create(dev_id, ifname, lower, mode), True
+                except KernelError as err:
+                    if err.errno != errno.EEXIST:
+                        raise
             link = self.netlink.link(name=ifname)
             if link is not None and is_wanted(link, lower, mode):
                 tap = own_node(link, self.dev_dir, self.sysfs)
@@ -157,7 +165,7 @@ class Macvtaps:
                     mode.value,
                     lower.name,
                 )
-            elif attempt:
+            elif attempt and not exists:
                 log.info("%s came and went while it was being created; trying again", ifname)
             if link is not None:
                 self.delete(link)
@@ -249,19 +257,16 @@ class Macvtaps:
         return err
 
     def _altname_soon(self, index: int, ifname: str, dev_id: str) -> None:
-        """The device ID as an altname, added right after Allocate answers.
+        """The device ID as an altname, added just after Allocate answers (``Altnames``)."""
+        self._altnames.add(index, ifname, dev_id)
 
-        Only the macvtap CNI (releases up to v0.13.1) looks the interface up
-        by it, when the pod's sandbox is made, well after the Allocate: the
-        request need not wait for it (it costs half a millisecond). A reused
-        macvtap gets it if it is missing.
-        """
+    def flush(self) -> None:
+        """Add the altnames still queued, now."""
+        self._altnames.flush()
 
-        def failed(err: KernelError) -> None:
-            if err.errno != errno.ENODEV:  # gone already (rolled back): nothing to name
-                log.warning("cannot give %s the altname %s: %s", ifname, dev_id, err)
-
-        self.netlink.add_altname_soon(index, dev_id, failed)
+    def close(self) -> None:
+        """Add the altnames still queued, now; then no more (the netlink goes next)."""
+        self._altnames.close()
 
     def _passthru_holder(self, lower: Link, ifname: str) -> Link | None:
         """The passthru macvtap (other than ``ifname``) that holds ``lower``, if any."""
@@ -291,3 +296,71 @@ class Macvtaps:
             device,
             passthru=True,
         )
+
+
+class Altnames:
+    """Device IDs added as altnames by a thread of its own, just after Allocate answers.
+
+    Only the macvtap CNI (releases up to v0.13.1) looks the interface up by
+    it, when the pod's sandbox is made, well after the Allocate: the request
+    need not wait for it (half a millisecond of netlink, and the hand-over to
+    the netlink thread). The thread waits ``DELAY`` so that the answer goes out
+    first. A reused macvtap gets its altname if it is missing.
+    """
+
+    DELAY = 0.01
+
+    def __init__(self, netlink: Netlink) -> None:
+        self._netlink = netlink
+        self._cond = threading.Condition()
+        self._pending: list[tuple[int, str, str]] = []
+        self._busy = False
+        self._closed = False
+        threading.Thread(target=self._run, name="altnames", daemon=True).start()
+
+    def add(self, index: int, ifname: str, dev_id: str) -> None:
+        with self._cond:
+            self._pending.append((index, ifname, dev_id))
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+            time.sleep(self.DELAY)
+            self._drain()
+
+    def _drain(self) -> None:
+        with self._cond:
+            while self._busy:  # another thread is naming: let it finish
+                self._cond.wait()
+            items, self._pending = self._pending, []
+            self._busy = True
+        try:
+            for item in items:
+                self._name(item)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Name everything queued, and wait for what is being named."""
+        self._drain()
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closed = True
+
+    def _name(self, item: tuple[int, str, str]) -> None:
+        if self._closed:
+            return
+        index, ifname, dev_id = item
+        try:
+            self._netlink.add_altname(index, dev_id)
+        except KernelError as err:
+            # gone already (rolled back), or we are stopping: nothing to name
+            if err.errno not in (errno.ENODEV, errno.ESHUTDOWN):
+                log.warning("cannot give %s the altname %s: %s", ifname, dev_id, err)

@@ -142,6 +142,7 @@ def serve(settings: Serve) -> int:
                 sweeper.stop()
             watcher.stop()
             records.flush()
+            macvtaps.close()
             netlink.close()
             state.remove()
             signal.set_wakeup_fd(-1)

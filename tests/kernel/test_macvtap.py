@@ -57,9 +57,11 @@ def side(ns: NetNS, dev_dir: str = "/dev") -> Iterator[Side]:
     ns.veth("lw0")
     with ns.sysfs() as sysfs, ns.entered():
         netlink = Netlink()
+        macvtaps = Macvtaps(netlink, dev_dir=dev_dir, sysfs=sysfs)
         try:
-            yield Side(ns, netlink, Macvtaps(netlink, dev_dir=dev_dir, sysfs=sysfs), sysfs)
+            yield Side(ns, netlink, macvtaps, sysfs)
         finally:
+            macvtaps.close()
             netlink.close()
 
 
@@ -93,7 +95,7 @@ def test_creates_an_up_macvtap_at_a_free_high_index(one: Side) -> None:
     tap, created = one.ensure(mode=Mode.VEPA)
     assert created
     assert_own_tap(tap, one, mode=Mode.VEPA)
-    one.netlink.links()  # a request queued after the altname, which follows the answer
+    one.macvtaps.flush()  # the altname follows the answer
     link = shown(one.ns, IFNAME)
     assert link["txqlen"] == 1234
     assert link["altnames"] == [DEV]  # what released macvtap CNIs look the device up by
@@ -158,7 +160,7 @@ def test_reuses_the_same_macvtap_and_brings_it_up(one: Side) -> None:
     one.ns.ip("link", "set", IFNAME, "down")
     one.ns.ip("link", "property", "del", "dev", IFNAME, "altname", DEV)
     once_more, _ = one.ensure()
-    one.netlink.links()  # after the altname request
+    one.macvtaps.flush()
     assert created and not created_again
     assert first == again == once_more
     assert_own_tap(once_more, one)  # and up again
@@ -221,6 +223,7 @@ def test_remove_deletes_only_macvtaps(one: Side) -> None:
 
 def test_a_passthru_lower_link_held_names_the_device_holding_it(one: Side) -> None:
     one.ensure("lw0Mvp0", Mode.PASSTHRU)
+    one.macvtaps.flush()
     with pytest.raises(LowerLinkBusy) as held:
         one.ensure("lw0Mvp1", Mode.BRIDGE)
     assert held.value.passthru and held.value.holder == "lw0Mvp0"
