@@ -6,7 +6,7 @@ Run as root from the repository root (the package installed in the venv):
         [--allocations A] [--json PATH|-] [--scaling] [--metrics]
 
 It builds its own network namespace (one veth lower link per resource), a short plugin
-directory and the kubelet stand-in of ``tests/``, runs the real ``macvtapdp run``
+directory and the kubelet stand-in of ``harness/``, runs the real ``macvtapdp run``
 (supervisord and one resource process per resource), measures every figure R times and prints a
 table (median / max against the target) and JSON with every sample and the machine's
 details (default ``/tmp/macvtapdp-bench-<time>.json``). ``--scaling`` then runs the key

@@ -1,4 +1,7 @@
-"""What the DaemonSet's exec probes cost per call: CPU time and peak RSS.
+"""What the exec probes cost per call: CPU time and peak RSS.
+
+The DaemonSet probes over HTTP (the metrics endpoint's ``/healthz`` and
+``/readyz``); these exec probes are its alternative for a node with metrics off.
 
 Starts the real ``macvtapdp run`` (3 resources on veth lower links, the kubelet
 stand-in; ``bench.rig``), then runs each probe command as the kubelet's exec

@@ -13,8 +13,8 @@ leftover ``programs.d/evil.conf`` cannot survive into a new run. Only ``taps``
 (which device was given which /dev/tapN) is kept if it is a real directory of
 ours: the pods holding those taps outlive a restart of the plugin.
 
-``macvtapdp status`` imports this module on every probe, so it imports only
-what naming paths needs; ``prepare``'s tools are imported when it runs.
+Every program and ``status`` import this module for the layout, so it imports
+only what naming paths needs; ``prepare``'s tools are imported when it runs.
 """
 
 from __future__ import annotations

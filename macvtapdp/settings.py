@@ -47,7 +47,7 @@ PLUGIN_DIR = Setting(
     "The kubelet's device-plugin directory (kubelet.sock and the plugin sockets).",
     "DIR",
 )
-RUN_DIR = Setting(  # named in rundir: `status` (every probe) reads it without this module
+RUN_DIR = Setting(  # flag, variable and default live in rundir, with the layout
     rundir.RUN_DIR_FLAG,
     rundir.RUN_DIR_VAR,
     "Where supervisord's config, control socket, state and metrics files live.",

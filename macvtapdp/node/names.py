@@ -1,7 +1,7 @@
 """supervisord's program names: ``resource-<name>`` per resource, and the helpers.
 
-Apart from ``render`` (which imports the settings and the configuration)
-because ``macvtapdp status`` needs them on every probe.
+Kept apart from ``render`` (which imports the settings and the configuration):
+``status`` and the metrics endpoint map programs to resources with nothing else.
 """
 
 from __future__ import annotations
