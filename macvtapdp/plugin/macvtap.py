@@ -33,6 +33,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -89,6 +90,18 @@ def node_rdev(path: str) -> int | None:
     return st.st_rdev if stat.S_ISCHR(st.st_mode) else None
 
 
+NodeId = tuple[int, int]  # (st_rdev, st_ino): a node made again gets a new inode
+
+
+def node_id(path: str) -> NodeId | None:
+    """The device number and inode of the character device ``path``, if it is one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_rdev, st.st_ino) if stat.S_ISCHR(st.st_mode) else None
+
+
 def own_node(link: Link, dev_dir: str = "/dev", sysfs: str = "/sys") -> Tap | None:
     """``link``'s Tap if ``/dev/tap<index>`` is its own device; None otherwise."""
     rdev = sysfs_rdev(link.name, link.index, sysfs)
@@ -123,7 +136,7 @@ class Macvtaps:
         self.dev_dir = dev_dir
         self.sysfs = sysfs
         self.salt = salt
-        self._altnames = Altnames(netlink)
+        self._altnames = Altnames(self.give_altname)
 
     def ensure(
         self, dev_id: str, ifname: str, lower: Link, mode: Mode, *, exists: bool = False
@@ -197,7 +210,7 @@ class Macvtaps:
                 raise mapped from err
             rdev = sysfs_rdev(ifname, n, self.sysfs)
             if rdev is not None and node_rdev(path) == rdev:
-                self._altname_soon(n, ifname, dev_id)
+                self._altnames.add(n, ifname, dev_id, lower.index)
                 return Tap(ifname, n, path, rdev)
             # Someone else's node appeared in between (or no devtmpfs): not ours
             log.warning("%s has no node of its own at %s; trying another index", ifname, path)
@@ -236,7 +249,7 @@ class Macvtaps:
             self.netlink.set_up(link.index)
         if dev_id not in link.altnames:
             try:
-                self.netlink.add_altname(link.index, dev_id)
+                self.give_altname(link.index, dev_id, link.lower_index)
             except KernelError as err:  # another link has that altname: keep serving
                 log.warning("cannot give %s the altname %s: %s", link.name, dev_id, err)
 
@@ -256,9 +269,37 @@ class Macvtaps:
                 )
         return err
 
-    def _altname_soon(self, index: int, ifname: str, dev_id: str) -> None:
-        """The device ID as an altname, added just after Allocate answers (``Altnames``)."""
-        self._altnames.add(index, ifname, dev_id)
+    def give_altname(self, index: int, dev_id: str, lower_index: int | None) -> None:
+        """Give macvtap ``index`` the device ID as its altname.
+
+        The Go plugin named its macvtaps after the device ID itself. One such,
+        on our lower link, holds the name: it is that plugin's macvtap of this
+        very device, which the kubelet has just allocated again (so no pod
+        holds it), and released CNIs would find it instead of ours. It goes.
+        """
+        try:
+            self.netlink.add_altname(index, dev_id)
+            return
+        except KernelError as err:
+            if err.errno != errno.EEXIST:
+                raise
+            holder = self.netlink.link(name=dev_id)
+            if (
+                holder is None
+                or holder.name != dev_id
+                or holder.kind != "macvtap"
+                or holder.link_netnsid is not None
+                or holder.lower_index != lower_index
+            ):
+                raise
+        log.info(
+            "deleted %s (/dev/tap%d), the Go plugin's macvtap of this device: its ID was "
+            "allocated again, so no pod holds it",
+            dev_id,
+            holder.index,
+        )
+        self._delete_index(holder.index)
+        self.netlink.add_altname(index, dev_id)
 
     def flush(self) -> None:
         """Add the altnames still queued, now."""
@@ -310,17 +351,17 @@ class Altnames:
 
     DELAY = 0.01
 
-    def __init__(self, netlink: Netlink) -> None:
-        self._netlink = netlink
+    def __init__(self, give: Callable[[int, str, int | None], None]) -> None:
+        self._give = give  # Macvtaps.give_altname
         self._cond = threading.Condition()
-        self._pending: list[tuple[int, str, str]] = []
+        self._pending: list[tuple[int, str, str, int | None]] = []
         self._busy = False
         self._closed = False
         threading.Thread(target=self._run, name="altnames", daemon=True).start()
 
-    def add(self, index: int, ifname: str, dev_id: str) -> None:
+    def add(self, index: int, ifname: str, dev_id: str, lower_index: int | None) -> None:
         with self._cond:
-            self._pending.append((index, ifname, dev_id))
+            self._pending.append((index, ifname, dev_id, lower_index))
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -354,12 +395,12 @@ class Altnames:
         with self._cond:
             self._closed = True
 
-    def _name(self, item: tuple[int, str, str]) -> None:
+    def _name(self, item: tuple[int, str, str, int | None]) -> None:
         if self._closed:
             return
-        index, ifname, dev_id = item
+        index, ifname, dev_id, lower_index = item
         try:
-            self._netlink.add_altname(index, dev_id)
+            self._give(index, dev_id, lower_index)
         except KernelError as err:
             # gone already (rolled back), or we are stopping: nothing to name
             if err.errno not in (errno.ENODEV, errno.ESHUTDOWN):

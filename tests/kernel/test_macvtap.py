@@ -101,6 +101,26 @@ def test_creates_an_up_macvtap_at_a_free_high_index(one: Side) -> None:
     assert link["altnames"] == [DEV]  # what released macvtap CNIs look the device up by
 
 
+def test_the_go_plugins_macvtap_of_the_device_gives_way_to_the_altname(one: Side) -> None:
+    """Switched from the Go plugin: its macvtap of this device, named after the ID, is left.
+
+    Allocated again, the device's own macvtap takes the ID as altname, so that released
+    CNIs find it; the leftover on our lower link goes. Anything else of that name stays.
+    """
+    one.ns.ip("link", "add", "link", "lw0", "name", DEV, "type", "macvtap")
+    tap, created = one.ensure()
+    one.macvtaps.flush()
+    assert created and shown(one.ns, IFNAME)["altnames"] == [DEV]
+    assert one.netlink.link(name=DEV) == one.netlink.link(index=tap.index)
+
+    other = "lw0Mvp1"
+    one.ns.ip("link", "add", other, "type", "veth", "peer", "name", "peer0")  # not a macvtap
+    one.ensure(other)
+    one.macvtaps.flush()
+    assert shown(one.ns, other)["ifname"] == other
+    assert not shown(one.ns, naming.interface_name(other)).get("altnames")
+
+
 def test_stale_and_foreign_nodes_are_skipped_never_touched(one: Side) -> None:
     """The first numbers of this device hold someone's node (the session planted them)."""
     first = candidates(DEV)[:3]
