@@ -37,7 +37,7 @@ from macvtapdp.errors import (
     MacvtapdpError,
 )
 from macvtapdp.linux.netlink import Link
-from macvtapdp.plugin.macvtap import Macvtaps, Tap, node_path, node_rdev, own_node
+from macvtapdp.plugin.macvtap import Macvtaps, NodeId, Tap, node_id, node_path, node_rdev, own_node
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class Allocation:
 
 class Records:
     """Device ID -> (ifindex handed out, moved into another namespace), kept in a file.
+
+    A moved macvtap's node is no longer shown by sysfs in our namespace, so its
+    identity (device number and inode) is recorded when it moves: a node made
+    at that path since is someone else's, even with the same minor (the kernel
+    hands out the lowest free one again).
 
     The file is written by a thread of its own, at most every ``DELAY`` seconds
     and only when something changed: an Allocate does not wait for a disk (a
@@ -92,8 +97,18 @@ class Records:
         entry = self._entries.get(dev_id)
         return bool(entry and entry.get("moved"))
 
-    def set(self, dev_id: str, index: int, moved: bool = False) -> None:
+    def node(self, dev_id: str) -> NodeId | None:
+        """The moved macvtap's node as it was just after the move, if recorded."""
+        entry = self._entries.get(dev_id)
+        found = entry.get("node") if entry else None
+        if isinstance(found, list | tuple) and len(found) == 2:
+            return int(found[0]), int(found[1])
+        return None
+
+    def set(self, dev_id: str, index: int, moved: bool = False, node: NodeId | None = None) -> None:
         new: dict[str, object] = {"index": index, "moved": moved}
+        if node is not None:
+            new["node"] = list(node)
         with self._lock:
             if self._entries.get(dev_id) == new:
                 return
@@ -257,6 +272,13 @@ class Allocator:
             return f"{dev_id}: no record of its tap and no macvtap here: nothing to check"
         path = node_path(index, self.macvtaps.dev_dir)
         if self.records.moved(dev_id) and node_rdev(path) is not None:
+            moved_node = self.records.node(dev_id)
+            if moved_node is not None and node_id(path) != moved_node:
+                raise AllocationError(
+                    f"{dev_id}: its macvtap moved into another namespace and {path} has been "
+                    "made again since, for another device: the container would get someone "
+                    "else's tap; re-create the pod"
+                )
             return f"{dev_id}: {path} moved with its macvtap into another namespace (a pod's)"
         if node_rdev(path) is None:
             lower = self.lower()
@@ -273,7 +295,12 @@ class Allocator:
         if dev_id is None or self.records.index(dev_id) != link.index:
             return
         moved = link.new_netnsid is not None
-        self.records.set(dev_id, link.index, moved=moved)
+        node = None
+        if moved and link.new_index in (None, link.index):
+            # its node as the kernel made it again (new minor) in registering the
+            # macvtap in its new namespace, during the move that sent this event
+            node = node_id(node_path(link.index, self.macvtaps.dev_dir))
+        self.records.set(dev_id, link.index, moved=moved, node=node)
         log.info(
             "%s (%s) %s",
             dev_id,
@@ -328,12 +355,13 @@ class Allocator:
             # Forgotten first, so that the link watcher, seeing the macvtap go, does not
             # report it as "deleted" as it would one deleted by someone else.
             index, moved = self.records.index(dev_id), self.records.moved(dev_id)
+            node = self.records.node(dev_id)
             self.records.forget(dev_id)
             try:
                 return self.macvtaps.delete(current)
             except BaseException:
                 if index is not None:
-                    self.records.set(dev_id, index, moved)
+                    self.records.set(dev_id, index, moved, node)
                 raise
 
     def _roll_back(self, made: Sequence[Tap]) -> None:

@@ -1,5 +1,6 @@
 """End to end: the sweep of ``macvtapdp run`` under the real supervisord, with the kubelet
-stand-in's PodResources server on a socket of its own, and ``macvtapdp status`` showing it."""
+stand-in's PodResources server on a socket of its own, ``macvtapdp status`` showing it and
+the metrics endpoint counting what it swept."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ import pytest
 
 from harness.kubelet import FakeKubelet
 from harness.netns import NetNS
-from harness.processes import Node, processes_mentioning, resource, rmtree, short_tempdir, until
+from harness.processes import (
+    METRICS_ADDRESS,
+    Node,
+    processes_mentioning,
+    resource,
+    rmtree,
+    short_tempdir,
+    until,
+)
 from macvtapdp.naming import interface_name
+from tests.e2e.test_metrics import Metered, value
 
 pytestmark = pytest.mark.e2e
 
@@ -64,11 +74,17 @@ def macvtap(node: Node, dev_id: str) -> dict[str, object] | None:
     return node.ns.link(interface_name(dev_id))
 
 
+def swept_total(metrics: Metered) -> float:
+    return value(metrics.scrape(), "macvtapdp_swept_macvtaps_total", resource=NAME)
+
+
 def test_run_sweeps_what_pods_left_and_pauses_without_the_api(node: Node) -> None:
     kubelet = node.kubelet
     kubelet.start()
-    node.start(f"--sweep-grace={GRACE:g}")
+    node.start(f"--sweep-grace={GRACE:g}", f"--metrics-address={METRICS_ADDRESS}")
+    metrics = Metered(node.ns, node, started=True)
     assert kubelet.wait_for(RESOURCE, lambda s: s.connected and s.allocatable == CAPACITY, WAIT)
+    assert until(metrics.answering, WAIT, 0.05), node.output.text()
     kubelet.admit("vm1", "compute", RESOURCE, [IDS[0]])
     kubelet.admit("vm2", "compute", RESOURCE, [IDS[1]])
     assert until(lambda: sweep_column(node) == "active", WAIT), node.status().stdout
@@ -77,6 +93,7 @@ def test_run_sweeps_what_pods_left_and_pauses_without_the_api(node: Node) -> Non
     assert until(lambda: macvtap(node, IDS[1]) is None, WAIT)
     assert macvtap(node, IDS[0]) is not None  # vm1 is listed
     assert node.output.wait_for(rf"\[{NAME}\] swept {IDS[1]} \({interface_name(IDS[1])}, ")
+    assert until(lambda: swept_total(metrics) == 1, WAIT, 0.05), swept_total(metrics)
 
     kubelet.stop_pod_resources()  # e.g. the kubelet restarting
     why = f"paused: no socket at {kubelet.pod_resources_socket}"
@@ -85,9 +102,11 @@ def test_run_sweeps_what_pods_left_and_pauses_without_the_api(node: Node) -> Non
     kubelet.remove_pod("vm1")
     time.sleep(4 * GRACE)  # rounds keep failing meanwhile
     assert macvtap(node, IDS[0]) is not None
+    assert swept_total(metrics) == 1
 
     kubelet.start_pod_resources()
     assert until(lambda: macvtap(node, IDS[0]) is None, WAIT)
+    assert until(lambda: swept_total(metrics) == 2, WAIT, 0.05), swept_total(metrics)
     assert until(lambda: sweep_column(node) == "active", WAIT), node.status().stdout
 
     # A swept device allocated again gets a new macvtap, and its container starts

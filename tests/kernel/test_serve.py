@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -365,6 +366,104 @@ def test_a_macvtap_moved_into_the_pod_keeps_its_path(setup: Setup) -> None:
         index = int(path.removeprefix("/dev/tap"))
         assert pod.link("net1")["ifindex"] == index  # type: ignore[index]
         assert pod.link("net1")["altnames"] == [IDS[0]]  # type: ignore[index]
+        # the node at the path is the moved macvtap's own, as the pod's own sysfs reports it
+        rdev = pod_rdev(pod, "net1", index)
+        node = os.stat(path)
+        assert stat.S_ISCHR(node.st_mode) and node.st_rdev == rdev
+        assert (device.major, device.minor) == (os.major(rdev), os.minor(rdev))
+        # and frames pass through it both ways: it still sits on the lower link, whose
+        # peer stayed in the plugin's namespace
+        net1_mac = str(pod.link("net1")["address"])  # type: ignore[index]
+        peer_mac = str(setup.ns.link(f"{NAME}p")["address"])  # type: ignore[index]
+        fd = frames.open_tap(path)
+        try:
+            with setup.ns.entered():
+                peer = frames.packet_socket(f"{NAME}p")
+            with peer:
+                inbound = secrets.token_bytes(8)
+                peer.send(frames.frame(net1_mac, peer_mac, inbound))
+                got = frames.read_tap(fd, inbound)
+                outbound = secrets.token_bytes(8)
+                frames.write_tap(fd, frames.frame(peer_mac, net1_mac, outbound))
+                sent = frames.recv_packet(peer, outbound)
+        finally:
+            os.close(fd)
+        assert got[:6] == frames.mac_bytes(net1_mac) and got[6:12] == frames.mac_bytes(peer_mac)
+        assert sent[:6] == frames.mac_bytes(peer_mac) and sent[6:12] == frames.mac_bytes(net1_mac)
+    finally:
+        pod.close()
+
+
+def pod_rdev(pod: NetNS, ifname: str, index: int) -> int:
+    """The device number of ``ifname``'s tap, from sysfs as mounted inside ``pod``."""
+    done = subprocess.run(
+        pod.argv(["cat", f"/sys/class/net/{ifname}/tap{index}/dev"]),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    major, minor = done.stdout.strip().split(":")
+    return os.makedev(int(major), int(minor))
+
+
+def test_a_passthru_device_still_in_a_pod_is_refused_naming_it(setup: Setup) -> None:
+    """The CNI moved the passthru macvtap into the pod, where it still holds the lower link:
+    allocating the device again is refused, naming it, and makes nothing."""
+    dev = f"{NAME}Mvp0"
+    setup.kubelet.start()
+    setup.serve(f"--lower={NAME}", "--mode=passthru", "--capacity=1")
+    assert setup.wait(lambda s: s.connected and s.allocatable == 1 == s.capacity)
+    path = setup.tap_path(dev)
+    pod = NetNS()
+    try:
+        setup.ns.ip("link", "set", interface_name(dev), "netns", pod.name)
+        pod.ip("link", "set", interface_name(dev), "name", "net1")
+        pod.ip("link", "set", "net1", "up")
+        moved = pod.link("net1")
+        assert moved is not None and moved["linkinfo"]["info_data"]["mode"] == "passthru"
+        assert setup.ns.macvtaps() == []
+        before = sorted((link["ifindex"], link["ifname"]) for link in setup.ns.links())
+        with pytest.raises(grpc.RpcError) as caught:
+            setup.kubelet.allocate(RESOURCE, [dev], timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.details() == (
+            f"lower link {NAME} is held by a passthru macvtap in another network namespace: "
+            f"{dev}'s own, still in a pod (the macvtap CNI moved it there), or another plugin's"
+        )
+        assert sorted((link["ifindex"], link["ifname"]) for link in setup.ns.links()) == before
+        assert setup.ns.macvtaps() == []
+        assert os.path.exists(path) and pod.link("net1") is not None  # the pod's, untouched
+    finally:
+        pod.close()
+
+
+def test_a_restart_never_gets_a_node_made_since_at_the_path_of_a_macvtap_in_the_pod(
+    setup: Setup,
+) -> None:
+    """The CNI moved the macvtap into the pod, where it was deleted; another namespace has
+    made one at the same /dev/tapN since (with the lowest free minor: likely the same)."""
+    setup.kubelet.start()
+    proc = setup.serve()
+    setup.all_healthy()
+    path = admitted(setup)
+    index = path.removeprefix("/dev/tap")
+    pod = NetNS()
+    try:
+        setup.ns.ip("link", "set", interface_name(IDS[0]), "netns", pod.name)
+        assert proc.output.wait_for("moved into another network namespace", 5.0)
+        assert start(setup).host_path == path  # the moved macvtap's own node
+        pod.ip("link", "del", interface_name(IDS[0]))  # the CNI's DEL, or the pod gone
+        assert until(lambda: not os.path.exists(path), 5.0)
+        other = NetNS()
+        try:
+            other.veth("ol0")
+            other.ip(
+                "link", "add", "link", "ol0", "name", "theirs", "index", index, "type", "macvtap"
+            )
+            assert os.path.exists(path)  # theirs now
+            with pytest.raises(ContainerStartError, match="made again since, for another device"):
+                start(setup)
+            assert other.link("theirs") is not None  # never touched
+        finally:
+            other.close()
     finally:
         pod.close()
 

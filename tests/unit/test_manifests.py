@@ -289,6 +289,7 @@ def test_the_cni_install_copies_the_released_binary_where_runtimes_look() -> Non
     [init] = pod["initContainers"]
     assert init["image"] == "quay.io/kubevirt/macvtap-cni:v0.13.1"
     assert "/macvtap-cni" in init["command"][-1] and "/opt/cni/bin/macvtap" in init["command"][-1]
+    assert init["securityContext"]["privileged"] is True  # as upstream's, for SELinux nodes
     [mount] = init["volumeMounts"]
     [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["hostPath"]["path"] == "/opt/cni/bin"

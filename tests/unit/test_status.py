@@ -33,12 +33,28 @@ def serve_once(path: str, answer: bytes) -> threading.Thread:
 
     def run() -> None:
         with listener, listener.accept()[0] as conn:
-            conn.recv(65536)
+            read_request(conn)
             conn.sendall(answer)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def read_request(conn: socket.socket) -> None:
+    """Read one whole HTTP request: head and body may come in separate writes, and
+    closing before the body came would fail the client's write (EPIPE), not its read."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+         if line.lower().startswith(b"content-length:")),
+        0,
+    )  # fmt: skip
+    while len(body) < length and (chunk := conn.recv(65536)):
+        body += chunk
 
 
 def http(body: bytes, status_line: bytes = b"HTTP/1.0 200 OK") -> bytes:
