@@ -850,7 +850,11 @@ def test_add_pod_holds_devices_without_allocate(
 @contextlib.contextmanager
 def pod_resources(kubelet: FakeKubelet) -> Iterator[pr_grpc.PodResourcesListerStub]:
     assert kubelet.pod_resources_socket is not None
-    with grpc.insecure_channel("unix:" + kubelet.pod_resources_socket) as channel:
+    # A channel of its own: gRPC's global subchannel pool would carry the reconnect backoff
+    # of a refused connection into the next channel (UNAVAILABLE at once, seen under load).
+    with grpc.insecure_channel(
+        "unix:" + kubelet.pod_resources_socket, options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as channel:
         yield pr_grpc.PodResourcesListerStub(channel)
 
 
