@@ -35,8 +35,9 @@ from harness.processes import (
     until,
 )
 from macvtapdp.errors import EventsLost
+from macvtapdp.linux.link import Link
 from macvtapdp.linux.linkevents import LinkEvents
-from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.linux.netlink import Netlink
 
 START_TIMEOUT = 30.0  # a cold start of 10 resources on 2 busy cores stays well below
 STEP_TIMEOUT = 10.0

@@ -22,7 +22,8 @@ from typing import Any, Self
 
 from macvtapdp.errors import EventsLost, KernelError
 from macvtapdp.linux import bpf
-from macvtapdp.linux.netlink import AsyncIPRoute, Link, LoopThread, kernel_error, parse
+from macvtapdp.linux.link import Link
+from macvtapdp.linux.netlink import AsyncIPRoute, LoopThread, kernel_error, parse
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from macvtapdp import config, naming, settings
 from macvtapdp.errors import ConfigError
-from macvtapdp.linux.netlink import ARPHRD_ETHER, IFF_LOOPBACK, Link, Netlink
+from macvtapdp.linux.link import ARPHRD_ETHER, IFF_LOOPBACK, Link
 
 SYSFS_NET = "/sys/class/net"
 DEFAULT_KINDS = frozenset({"physical", "bond"})
@@ -201,5 +201,8 @@ def offered(verdicts: dict[str, Verdict]) -> list[config.Resource]:
 
 def scan(filters: Filters, plugin_dir: str) -> dict[str, Verdict]:
     """Classify the links of this network namespace now."""
+    # Loaded here: `run` and `render-config` of a configuration need no netlink client
+    from macvtapdp.linux.netlink import Netlink
+
     with Netlink() as netlink:
         return classify(netlink.links(), filters, plugin_dir)

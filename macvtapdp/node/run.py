@@ -104,8 +104,8 @@ def missing_links(resources: list[Resource]) -> list[str]:
 
     try:
         with Netlink() as netlink:
-            present = {link.name for link in netlink.links()}
-            present |= {alt for link in netlink.links() for alt in link.altnames}
+            links = netlink.links()
+        present = {link.name for link in links} | {alt for link in links for alt in link.altnames}
     except KernelError as err:
         return [f"cannot list links: {err}"]
     return [

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from macvtapdp import config
 from macvtapdp.config import Resource
 from macvtapdp.errors import ConfigError
+from macvtapdp.linux.link import Link
 from macvtapdp.linux.linkevents import DELLINK
-from macvtapdp.linux.netlink import Link
 from macvtapdp.node import discovery
 
 log = logging.getLogger("macvtapdp.reconcile")

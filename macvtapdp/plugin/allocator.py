@@ -36,7 +36,7 @@ from macvtapdp.errors import (
     LowerLinkBusy,
     MacvtapdpError,
 )
-from macvtapdp.linux.netlink import Link
+from macvtapdp.linux.link import Link
 from macvtapdp.plugin.macvtap import Macvtaps, NodeId, Tap, node_id, node_path, node_rdev, own_node
 
 log = logging.getLogger(__name__)

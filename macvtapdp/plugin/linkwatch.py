@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 from macvtapdp.errors import EventsLost, MacvtapdpError
 from macvtapdp.linux.bpf import HIGH_INDEX
+from macvtapdp.linux.link import IFF_DORMANT, IFF_LOWER_UP, IFF_RUNNING, IFF_UP, Link
 from macvtapdp.linux.linkevents import NEWLINK, LinkEvents
-from macvtapdp.linux.netlink import IFF_DORMANT, IFF_LOWER_UP, IFF_RUNNING, IFF_UP, Link, Netlink
+from macvtapdp.linux.netlink import Netlink
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,8 @@ import xxhash
 from macvtapdp.config import Mode
 from macvtapdp.errors import AllocationError, KernelError, LinkMissingError, LowerLinkBusy
 from macvtapdp.linux.bpf import HIGH_INDEX
-from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.linux.link import Link
+from macvtapdp.linux.netlink import Netlink
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from macvtapdp import naming
 from macvtapdp.api.v1beta1 import api_pb2_grpc
 from macvtapdp.errors import PermanentError
 from macvtapdp.linux.inotify import DirWatch
-from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.linux.link import Link
+from macvtapdp.linux.netlink import Netlink
 from macvtapdp.plugin import sweep, topology
 from macvtapdp.plugin.allocator import Allocator, Records
 from macvtapdp.plugin.health import Health

@@ -43,7 +43,7 @@ from typing import Protocol
 
 from macvtapdp.config import Resource
 from macvtapdp.errors import MacvtapdpError, Unreachable
-from macvtapdp.linux.netlink import Link
+from macvtapdp.linux.link import Link
 from macvtapdp.plugin.allocator import Allocator
 from macvtapdp.plugin.observe import Observer
 from macvtapdp.settings import Plugin

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from macvtapdp.linux.netlink import Link
+from macvtapdp.linux.link import Link
 
 AGGREGATES = frozenset({"bond", "team"})
 

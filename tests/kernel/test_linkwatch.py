@@ -19,7 +19,8 @@ import pytest
 from harness.netns import NetNS
 from macvtapdp.linux import linkevents
 from macvtapdp.linux.bpf import HIGH_INDEX
-from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.linux.link import Link
+from macvtapdp.linux.netlink import Netlink
 from macvtapdp.plugin.linkwatch import LinkState, LinkWatcher
 
 pytestmark = pytest.mark.kernel

@@ -23,7 +23,8 @@ from macvtapdp import naming
 from macvtapdp.config import Mode
 from macvtapdp.errors import AllocationError, LinkMissingError, LowerLinkBusy
 from macvtapdp.linux.bpf import HIGH_INDEX
-from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.linux.link import Link
+from macvtapdp.linux.netlink import Netlink
 from macvtapdp.plugin.macvtap import Macvtaps, Tap, candidates, sysfs_rdev
 
 pytestmark = pytest.mark.kernel

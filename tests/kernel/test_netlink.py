@@ -14,8 +14,9 @@ import pytest
 from harness.netns import NetNS
 from macvtapdp.errors import EventsLost, KernelError
 from macvtapdp.linux.bpf import HIGH_INDEX
+from macvtapdp.linux.link import IFF_LOOPBACK, Link
 from macvtapdp.linux.linkevents import DELLINK, NEWLINK, LinkEvents
-from macvtapdp.linux.netlink import IFF_LOOPBACK, Link, Netlink
+from macvtapdp.linux.netlink import Netlink
 from macvtapdp.plugin.linkwatch import FOLLOWED_FLAGS
 
 pytestmark = pytest.mark.kernel

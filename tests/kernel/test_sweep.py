@@ -20,7 +20,8 @@ from harness.netns import NetNS
 from harness.processes import Proc, resource, rmtree, serve_argv, short_tempdir, until
 from macvtapdp import statefile
 from macvtapdp.config import Mode, Resource
-from macvtapdp.linux.netlink import Link, Netlink
+from macvtapdp.linux.link import Link
+from macvtapdp.linux.netlink import Netlink
 from macvtapdp.naming import interface_name
 from macvtapdp.plugin.allocator import Allocator, Records
 from macvtapdp.plugin.macvtap import Macvtaps

@@ -179,6 +179,24 @@ def test_the_programs_supervisord_starts_import_neither_typer_nor_pydantic(modul
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_render_config_of_a_configuration_loads_neither_netlink_nor_grpc() -> None:
+    """It works anywhere and stays light: only discovery (and `run`'s link check) list links."""
+    code = (
+        "import sys\n"
+        "from macvtapdp.cli import main\n"
+        "sys.argv = ['macvtapdp', 'render-config']\n"
+        "try:\n    main()\nexcept SystemExit as end:\n    assert not end.code, end.code\n"
+        "top = {m.split('.')[0] for m in sys.modules}\n"
+        "sys.exit(', '.join(sorted(top & {'pyroute2', 'grpc'})) or 0)\n"
+    )
+    env = {**os.environ, "DP_MACVTAP_CONF": '[{"name":"eth0","master":"eth0"}]'}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[program:resource-eth0]" in done.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "env"), [(["--no-topology"], {}), ([], {"MACVTAPDP_NO_TOPOLOGY": "1"})]
 )

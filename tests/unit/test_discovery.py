@@ -13,7 +13,7 @@ import pytest
 from macvtapdp import config, settings
 from macvtapdp.config import Mode, Resource
 from macvtapdp.errors import ConfigError
-from macvtapdp.linux.netlink import ARPHRD_ETHER, IFF_LOOPBACK, IFF_UP, Link
+from macvtapdp.linux.link import ARPHRD_ETHER, IFF_LOOPBACK, IFF_UP, Link
 from macvtapdp.node import discovery
 from macvtapdp.node.discovery import Facts, Filters, judge
 

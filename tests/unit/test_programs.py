@@ -24,8 +24,8 @@ from supervisor.options import ServerOptions
 from macvtapdp import config, settings
 from macvtapdp.config import Mode, Resource
 from macvtapdp.errors import Refused, Unreachable
+from macvtapdp.linux.link import Link
 from macvtapdp.linux.linkevents import DELLINK, NEWLINK
-from macvtapdp.linux.netlink import Link
 from macvtapdp.node import apply, programs, reconcile, render
 from macvtapdp.node.discovery import Facts, Filters
 from macvtapdp.node.wanted import WantedResources

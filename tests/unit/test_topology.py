@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from macvtapdp.linux.netlink import Link
+from macvtapdp.linux.link import Link
 from macvtapdp.plugin.topology import numa_nodes
 
 
