@@ -1,8 +1,8 @@
 """A network interface as the kernel describes it, and the kernel's constants about it.
 
-Plain data, apart from pyroute2 (``netlink`` fills it in): configuration,
-rendering and ``render-config`` can reason about links without loading the
-netlink client.
+Plain data (``netlink`` fills it in from pyroute2's messages), so that the node
+side can reason about links without loading the netlink client: ``render-config``
+of a configuration never lists a link.
 """
 
 from __future__ import annotations
