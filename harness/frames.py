@@ -56,6 +56,23 @@ def recv_packet(sock: socket.socket, marker: bytes, timeout: float = 2.0) -> byt
     return _wait_for(sock.fileno(), lambda: sock.recv(65536), marker, timeout)
 
 
+def assert_both_ways(tap_path: str, tap_mac: str, peer: socket.socket, peer_mac: str) -> None:
+    """A frame to ``tap_mac`` sent on ``peer`` is read from the tap, and one written to the
+    tap arrives on ``peer``: the tap is the macvtap on that link, with that address."""
+    fd = open_tap(tap_path)
+    try:
+        inbound = os.urandom(8)
+        peer.send(frame(tap_mac, peer_mac, inbound))
+        got = read_tap(fd, inbound)
+        outbound = os.urandom(8)
+        write_tap(fd, frame(peer_mac, tap_mac, outbound))
+        sent = recv_packet(peer, outbound)
+    finally:
+        os.close(fd)
+    assert got[:6] == mac_bytes(tap_mac) and got[6:12] == mac_bytes(peer_mac)
+    assert sent[:6] == mac_bytes(peer_mac) and sent[6:12] == mac_bytes(tap_mac)
+
+
 def _wait_for(fd: int, read: Callable[[], bytes], marker: bytes, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:

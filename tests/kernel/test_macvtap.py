@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -154,20 +153,8 @@ def test_two_namespaces_with_the_same_configuration_get_their_own_devices(
 
 def assert_frames_pass(s: Side, tap: Tap) -> None:
     tap_mac = str(shown(s.ns, tap.ifname)["address"])
-    peer_mac = str(shown(s.ns, "lw0p")["address"])
-    fd = frames.open_tap(tap.path)
-    try:
-        with frames.packet_socket("lw0p") as peer:
-            inbound = secrets.token_bytes(8)
-            peer.send(frames.frame(tap_mac, peer_mac, inbound))
-            got = frames.read_tap(fd, inbound)
-            outbound = secrets.token_bytes(8)
-            frames.write_tap(fd, frames.frame(peer_mac, tap_mac, outbound))
-            sent = frames.recv_packet(peer, outbound)
-    finally:
-        os.close(fd)
-    assert got[:6] == frames.mac_bytes(tap_mac) and got[6:12] == frames.mac_bytes(peer_mac)
-    assert sent[:6] == frames.mac_bytes(peer_mac) and sent[6:12] == frames.mac_bytes(tap_mac)
+    with frames.packet_socket("lw0p") as peer:
+        frames.assert_both_ways(tap.path, tap_mac, peer, str(shown(s.ns, "lw0p")["address"]))
 
 
 def test_frames_pass_both_ways_through_dev_tap(one: Side) -> None:

@@ -284,7 +284,11 @@ def admitted(setup: Setup, dev: str = IDS[0], pod: str = "vm") -> str:
 def own_rdev(ns: NetNS, dev: str) -> tuple[int, int]:
     """major:minor of ``dev``'s macvtap, read from sysfs inside the namespace."""
     ifname = interface_name(dev)
-    index = ns.link(ifname)["ifindex"]  # type: ignore[index]
+    return sysfs_tap(ns, ifname, ns.link(ifname)["ifindex"])  # type: ignore[index]
+
+
+def sysfs_tap(ns: NetNS, ifname: str, index: int) -> tuple[int, int]:
+    """major:minor of macvtap ``ifname``'s tap, from sysfs as mounted inside ``ns``."""
     done = subprocess.run(
         ns.argv(["cat", f"/sys/class/net/{ifname}/tap{index}/dev"]),
         capture_output=True, text=True, check=True,
@@ -367,41 +371,20 @@ def test_a_macvtap_moved_into_the_pod_keeps_its_path(setup: Setup) -> None:
         assert pod.link("net1")["ifindex"] == index  # type: ignore[index]
         assert pod.link("net1")["altnames"] == [IDS[0]]  # type: ignore[index]
         # the node at the path is the moved macvtap's own, as the pod's own sysfs reports it
-        rdev = pod_rdev(pod, "net1", index)
+        major, minor = sysfs_tap(pod, "net1", index)
         node = os.stat(path)
-        assert stat.S_ISCHR(node.st_mode) and node.st_rdev == rdev
-        assert (device.major, device.minor) == (os.major(rdev), os.minor(rdev))
+        assert stat.S_ISCHR(node.st_mode) and node.st_rdev == os.makedev(major, minor)
+        assert (device.major, device.minor) == (major, minor)
         # and frames pass through it both ways: it still sits on the lower link, whose
         # peer stayed in the plugin's namespace
         net1_mac = str(pod.link("net1")["address"])  # type: ignore[index]
         peer_mac = str(setup.ns.link(f"{NAME}p")["address"])  # type: ignore[index]
-        fd = frames.open_tap(path)
-        try:
-            with setup.ns.entered():
-                peer = frames.packet_socket(f"{NAME}p")
-            with peer:
-                inbound = secrets.token_bytes(8)
-                peer.send(frames.frame(net1_mac, peer_mac, inbound))
-                got = frames.read_tap(fd, inbound)
-                outbound = secrets.token_bytes(8)
-                frames.write_tap(fd, frames.frame(peer_mac, net1_mac, outbound))
-                sent = frames.recv_packet(peer, outbound)
-        finally:
-            os.close(fd)
-        assert got[:6] == frames.mac_bytes(net1_mac) and got[6:12] == frames.mac_bytes(peer_mac)
-        assert sent[:6] == frames.mac_bytes(peer_mac) and sent[6:12] == frames.mac_bytes(net1_mac)
+        with setup.ns.entered():
+            peer = frames.packet_socket(f"{NAME}p")
+        with peer:
+            frames.assert_both_ways(path, net1_mac, peer, peer_mac)
     finally:
         pod.close()
-
-
-def pod_rdev(pod: NetNS, ifname: str, index: int) -> int:
-    """The device number of ``ifname``'s tap, from sysfs as mounted inside ``pod``."""
-    done = subprocess.run(
-        pod.argv(["cat", f"/sys/class/net/{ifname}/tap{index}/dev"]),
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    major, minor = done.stdout.strip().split(":")
-    return os.makedev(int(major), int(minor))
 
 
 def test_a_passthru_device_still_in_a_pod_is_refused_naming_it(setup: Setup) -> None:
