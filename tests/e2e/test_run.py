@@ -178,6 +178,7 @@ def test_three_resources_register_and_the_missing_link_turns_healthy(e2e: E2E) -
     for name in (A, B):
         state = e2e.kubelet.state(resource(name))
         assert state.devices == dict.fromkeys(device_ids(name), HEALTHY)
+        assert state.topology == {}  # a veth has no device behind it: no NUMA node
     missing = e2e.kubelet.state(resource(C))
     assert missing.devices == dict.fromkeys(device_ids(C), UNHEALTHY)
     assert missing.capacity == CAPACITY and missing.allocatable == 0
