@@ -37,7 +37,7 @@ from macvtapdp.errors import (
     MacvtapdpError,
 )
 from macvtapdp.linux.link import Link
-from macvtapdp.plugin.macvtap import Macvtaps, NodeId, Tap, node_id, node_path, node_rdev, own_node
+from macvtapdp.plugin.macvtap import Macvtaps, NodeId, Tap, node_id, node_path, own_node
 
 log = logging.getLogger(__name__)
 
@@ -271,16 +271,17 @@ class Allocator:
         if index is None:
             return f"{dev_id}: no record of its tap and no macvtap here: nothing to check"
         path = node_path(index, self.macvtaps.dev_dir)
-        if self.records.moved(dev_id) and node_rdev(path) is not None:
+        node = node_id(path)  # one look at the path for every case below
+        if self.records.moved(dev_id) and node is not None:
             moved_node = self.records.node(dev_id)
-            if moved_node is not None and node_id(path) != moved_node:
+            if moved_node is not None and node != moved_node:
                 raise AllocationError(
                     f"{dev_id}: its macvtap moved into another namespace and {path} has been "
                     "made again since, for another device: the container would get someone "
                     "else's tap; re-create the pod"
                 )
             return f"{dev_id}: {path} moved with its macvtap into another namespace (a pod's)"
-        if node_rdev(path) is None:
+        if node is None:
             lower = self.lower()
             tap = self.macvtaps.create(dev_id, ifname, lower, self.resource.mode, index=index)
             return f"{dev_id}: its macvtap was gone; made it again at {tap.path}"

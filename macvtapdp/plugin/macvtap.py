@@ -82,15 +82,6 @@ def sysfs_rdev(ifname: str, index: int, sysfs: str = "/sys") -> int | None:
     return os.makedev(int(major), int(minor))
 
 
-def node_rdev(path: str) -> int | None:
-    """The device number ``path`` opens, if it is a character device."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_rdev if stat.S_ISCHR(st.st_mode) else None
-
-
 NodeId = tuple[int, int]  # (st_rdev, st_ino): a node made again gets a new inode
 
 
@@ -101,6 +92,12 @@ def node_id(path: str) -> NodeId | None:
     except OSError:
         return None
     return (st.st_rdev, st.st_ino) if stat.S_ISCHR(st.st_mode) else None
+
+
+def node_rdev(path: str) -> int | None:
+    """The device number ``path`` opens, if it is a character device."""
+    found = node_id(path)
+    return found[0] if found else None
 
 
 def own_node(link: Link, dev_dir: str = "/dev", sysfs: str = "/sys") -> Tap | None:
